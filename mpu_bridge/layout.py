@@ -1,0 +1,584 @@
+"""Pure rank arithmetic: which ranks share each kind of process group.
+
+No torch here. A :class:`Layout` answers, for every group kind, the rank lists
+megatron-core's ``initialize_model_parallel`` would build for the same sizes and
+order string, and finds one rank's group by arithmetic, without enumerating the
+world.
+
+Semantics (megatron-core's ``RankGenerator``):
+
+* the order string lists the dimensions, first token varying fastest
+  (default ``tp-cp-ep-dp-pp``); tokens it leaves out are appended with size 1,
+  and leaving out a token whose size is not 1 is an error;
+* the *dense* grid has sizes tp, cp, dp, pp (ep = 1);
+* the *expert* grid has sizes etp (default tp), ep, edp = world / (etp·ep·pp),
+  pp (cp = 1: context parallelism folds into expert data parallelism), read
+  through the same order string.
+
+Example::
+
+    >>> layout = plan(16, tp=2, ep=4)
+    >>> layout.groups("ep")[:2]
+    [[0, 2, 4, 6], [1, 3, 5, 7]]
+    >>> layout.group_of("edp", 5)
+    [5, 13]
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+import operator
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
+
+from .errors import LayoutError
+
+__all__ = [
+    "DEFAULT_ORDER",
+    "TOKENS",
+    "KINDS",
+    "KindSpec",
+    "RankGrid",
+    "ParallelConfig",
+    "Layout",
+    "plan",
+]
+
+#: The dimension tokens an order string may name.
+TOKENS: Tuple[str, ...] = ("tp", "cp", "ep", "dp", "pp")
+
+#: megatron-core's default order: tensor fastest, pipeline slowest.
+DEFAULT_ORDER = "tp-cp-ep-dp-pp"
+
+_TOKEN_NAMES = {
+    "tp": "tensor-parallel",
+    "cp": "context-parallel",
+    "ep": "expert-parallel",
+    "dp": "data-parallel",
+    "pp": "pipeline-parallel",
+}
+
+
+@dataclass(frozen=True)
+class KindSpec:
+    """What a group kind is: which grid it is read from and which of its dimensions vary."""
+
+    name: str
+    grid: str  # "dense" or "expert"
+    tokens: Tuple[str, ...]
+    description: str
+
+
+_KIND_LIST: Tuple[KindSpec, ...] = (
+    KindSpec("tp", "dense", ("tp",), "tensor parallel"),
+    KindSpec("cp", "dense", ("cp",), "context parallel"),
+    KindSpec("dp", "dense", ("dp",), "data parallel"),
+    KindSpec("pp", "dense", ("pp",), "pipeline parallel"),
+    KindSpec("dp-cp", "dense", ("dp", "cp"), "data x context parallel"),
+    KindSpec("tp-cp", "dense", ("tp", "cp"), "tensor x context parallel"),
+    KindSpec("tp-dp", "dense", ("tp", "dp"), "tensor x data parallel"),
+    KindSpec("tp-dp-cp", "dense", ("tp", "dp", "cp"), "tensor x data x context parallel"),
+    KindSpec("mp", "dense", ("tp", "pp"), "model parallel (tensor x pipeline)"),
+    KindSpec("ep", "expert", ("ep",), "expert parallel"),
+    KindSpec("etp", "expert", ("tp",), "expert tensor parallel"),
+    KindSpec("edp", "expert", ("dp",), "expert data parallel"),
+    KindSpec("etp-ep", "expert", ("tp", "ep"), "expert tensor x expert parallel"),
+    KindSpec("etp-ep-pp", "expert", ("tp", "ep", "pp"), "expert tensor x expert x pipeline parallel"),
+)
+
+#: Every group kind a :class:`Layout` answers, in a fixed order.
+KINDS: Mapping[str, KindSpec] = {spec.name: spec for spec in _KIND_LIST}
+
+
+def _positive_int(name: str, value: Any) -> int:
+    """``value`` as a positive int; integer types (numpy's too) only, never bool or float."""
+    if isinstance(value, bool):
+        raise LayoutError(f"{name} must be a positive integer, got {value!r} (bool)")
+    try:
+        number = operator.index(value)
+    except TypeError:
+        raise LayoutError(
+            f"{name} must be a positive integer, got {value!r} ({type(value).__name__})"
+        ) from None
+    if number < 1:
+        raise LayoutError(f"{name} must be a positive integer, got {number}")
+    return number
+
+
+def _parse_order(order: Any) -> Tuple[str, ...]:
+    if not isinstance(order, str):
+        raise LayoutError(
+            f"order must be a string such as {DEFAULT_ORDER!r}, got {order!r} ({type(order).__name__})"
+        )
+    tokens = tuple(order.strip().lower().split("-"))
+    seen = set()
+    for token in tokens:
+        if token not in TOKENS:
+            raise LayoutError(
+                f"order {order!r} has unknown token {token!r}; "
+                f"known tokens are {', '.join(TOKENS)} (joined by '-', e.g. {DEFAULT_ORDER!r})"
+            )
+        if token in seen:
+            raise LayoutError(
+                f"order {order!r} names {token!r} twice; name each of {', '.join(TOKENS)} at most once"
+            )
+        seen.add(token)
+    return tokens
+
+
+def _products(values: Tuple[int, ...]) -> Tuple[int, ...]:
+    """Exclusive prefix products: ``(1, v0, v0*v1, ...)`` without the total."""
+    out = []
+    running = 1
+    for v in values:
+        out.append(running)
+        running *= v
+    return tuple(out)
+
+
+def _expand(dims: Tuple[Tuple[int, int], ...]) -> List[int]:
+    """All sums ``sum(i_k * stride_k)`` over ``dims = ((size, stride), ...)``, first dim fastest."""
+    values = [0]
+    for size, stride in dims:
+        values = [i * stride + v for i in range(size) for v in values]
+    return values
+
+
+@dataclass(frozen=True)
+class _Geometry:
+    """How one kind cuts a grid: the varying (masked) and fixed (unmasked) dimensions."""
+
+    masked: Tuple[Tuple[int, int], ...]  # (size, stride) of dims that vary inside a group
+    unmasked: Tuple[Tuple[int, int], ...]  # (size, stride) of dims that pick the group
+    offsets: Tuple[int, ...]  # member offsets from the group's smallest rank, ascending
+
+    @property
+    def group_size(self) -> int:
+        return len(self.offsets)
+
+    @property
+    def num_groups(self) -> int:
+        return math.prod(size for size, _ in self.unmasked)
+
+    def base_of_rank(self, rank: int) -> int:
+        return rank - sum(((rank // stride) % size) * stride for size, stride in self.masked)
+
+    def index_of_rank(self, rank: int) -> int:
+        index, scale = 0, 1
+        for size, stride in self.unmasked:
+            index += ((rank // stride) % size) * scale
+            scale *= size
+        return index
+
+    def base_of_index(self, index: int) -> int:
+        base = 0
+        for size, stride in self.unmasked:
+            base += (index % size) * stride
+            index //= size
+        return base
+
+
+@dataclass(frozen=True)
+class RankGrid:
+    """An orthogonal grid of ranks: megatron-core's ``RankGenerator`` as pure arithmetic.
+
+    ``order`` lists every token (missing ones appended, size 1) and ``sizes`` their
+    sizes, first token varying fastest. Build one with :meth:`build`.
+
+    Example::
+
+        >>> grid = RankGrid.build(tp=2, dp=2, pp=2, order="tp-dp-pp")
+        >>> grid.groups(("dp",))
+        [[0, 2], [1, 3], [4, 6], [5, 7]]
+    """
+
+    order: Tuple[str, ...]
+    sizes: Tuple[int, ...]
+    strides: Tuple[int, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "strides", _products(self.sizes))
+
+    @classmethod
+    def build(
+        cls,
+        *,
+        tp: int = 1,
+        cp: int = 1,
+        ep: int = 1,
+        dp: int = 1,
+        pp: int = 1,
+        order: str = DEFAULT_ORDER,
+        names: Optional[Mapping[str, str]] = None,
+    ) -> "RankGrid":
+        """Validate sizes and order like megatron-core and return the grid.
+
+        ``names`` maps a token to the name used in error messages (the expert grid
+        calls its ``tp`` token ``etp``).
+        """
+        names = dict(names or {})
+        raw = {"tp": tp, "cp": cp, "ep": ep, "dp": dp, "pp": pp}
+        sizes = {t: _positive_int(names.get(t, t), v) for t, v in raw.items()}
+        if sizes["ep"] > 1 and sizes["cp"] > 1:
+            raise LayoutError(
+                f"ep = {sizes['ep']} and cp = {sizes['cp']} in one rank grid: megatron-core keeps "
+                "context parallelism in the dense grid and expert parallelism in the expert grid; "
+                "use plan(..., cp=..., ep=...), which builds both grids"
+            )
+        tokens = _parse_order(order)
+        for token in TOKENS:
+            if token not in tokens and sizes[token] != 1:
+                label = names.get(token, token)
+                raise LayoutError(
+                    f"order {order!r} does not name {token!r}, but the {_TOKEN_NAMES[token]} size "
+                    f"{label} = {sizes[token]}; add {token!r} to the order (default {DEFAULT_ORDER!r})"
+                )
+        full = tokens + tuple(t for t in TOKENS if t not in tokens)
+        return cls(order=full, sizes=tuple(sizes[t] for t in full))
+
+    @property
+    def world_size(self) -> int:
+        return math.prod(self.sizes)
+
+    def size_of(self, token: str) -> int:
+        return self.sizes[self.order.index(token)]
+
+    def stride_of(self, token: str) -> int:
+        return self.strides[self.order.index(token)]
+
+    def geometry(self, tokens: Tuple[str, ...]) -> _Geometry:
+        return _geometry(self, frozenset(tokens))
+
+    def groups(self, tokens: Tuple[str, ...]) -> List[List[int]]:
+        """Every group in megatron-core's order; each group ascending."""
+        geo = self.geometry(tokens)
+        offsets = geo.offsets
+        return [[base + o for o in offsets] for base in _expand(geo.unmasked)]
+
+    def group_of(self, tokens: Tuple[str, ...], rank: int) -> List[int]:
+        geo = self.geometry(tokens)
+        base = geo.base_of_rank(rank)
+        return [base + o for o in geo.offsets]
+
+
+@functools.lru_cache(maxsize=256)
+def _geometry(grid: RankGrid, tokens: frozenset) -> _Geometry:
+    masked = tuple(
+        (size, stride)
+        for token, size, stride in zip(grid.order, grid.sizes, grid.strides)
+        if token in tokens
+    )
+    unmasked = tuple(
+        (size, stride)
+        for token, size, stride in zip(grid.order, grid.sizes, grid.strides)
+        if token not in tokens
+    )
+    return _Geometry(masked=masked, unmasked=unmasked, offsets=tuple(_expand(masked)))
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """Validated parallel sizes. ``dp`` and ``edp`` are derived; ``etp`` defaults to ``tp``.
+
+    Example::
+
+        >>> cfg = ParallelConfig(64, tp=2, pp=2, ep=4)
+        >>> (cfg.dp, cfg.edp)
+        (16, 4)
+    """
+
+    world_size: int
+    tp: int = 1
+    pp: int = 1
+    cp: int = 1
+    ep: int = 1
+    etp: Optional[int] = None
+    order: str = DEFAULT_ORDER
+    gpus_per_node: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        set_ = functools.partial(object.__setattr__, self)
+        world = _positive_int("world_size", self.world_size)
+        tp = _positive_int("tp", self.tp)
+        pp = _positive_int("pp", self.pp)
+        cp = _positive_int("cp", self.cp)
+        ep = _positive_int("ep", self.ep)
+        etp = tp if self.etp is None else _positive_int("etp", self.etp)
+        _parse_order(self.order)
+        set_("world_size", world)
+        set_("tp", tp)
+        set_("pp", pp)
+        set_("cp", cp)
+        set_("ep", ep)
+        set_("etp", etp)
+        set_("order", self.order.strip().lower())
+
+        dense = tp * pp * cp
+        if world % dense:
+            raise LayoutError(
+                f"world size {world} is not divisible by tp·pp·cp = {dense} "
+                f"(tp={tp}, pp={pp}, cp={cp}); choose sizes whose product divides the world"
+            )
+        expert = etp * ep * pp
+        if world % expert:
+            hint = ""
+            if etp == tp:
+                hint = f"; equivalently dp·cp = {world // dense} is not divisible by ep = {ep}"
+            raise LayoutError(
+                f"world size {world} is not divisible by etp·ep·pp = {expert} "
+                f"(etp={etp}, ep={ep}, pp={pp}){hint}; choose an ep (or etp) that divides it"
+            )
+        if self.gpus_per_node is not None:
+            gpn = _positive_int("gpus_per_node", self.gpus_per_node)
+            if world % gpn:
+                raise LayoutError(
+                    f"world size {world} is not divisible by gpus_per_node = {gpn}: "
+                    "the last node would be partial"
+                )
+            set_("gpus_per_node", gpn)
+        if pp > 1 and not self.order.endswith("pp") and self.edp != self.dp:
+            raise LayoutError(
+                f"order {self.order!r} does not put pp last while pp = {pp}; megatron-core allows "
+                f"that only when the expert data-parallel size equals the data-parallel size, "
+                f"but edp = {self.edp} and dp = {self.dp}; put 'pp' last or make etp·ep = tp·cp"
+            )
+
+    @property
+    def dp(self) -> int:
+        """Data-parallel size: world / (tp·pp·cp)."""
+        return self.world_size // (self.tp * self.pp * self.cp)
+
+    @property
+    def edp(self) -> int:
+        """Expert data-parallel size: world / (etp·ep·pp)."""
+        return self.world_size // (self.etp * self.ep * self.pp)  # type: ignore[operator]
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {
+            "world_size": self.world_size,
+            "tp": self.tp,
+            "pp": self.pp,
+            "cp": self.cp,
+            "ep": self.ep,
+            "etp": self.etp,
+            "dp": self.dp,
+            "edp": self.edp,
+            "order": self.order,
+            "gpus_per_node": self.gpus_per_node,
+        }
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Every group kind of one configuration, as rank lists.
+
+    Groups come in megatron-core's enumeration order (identical on every rank),
+    each sorted ascending. ``group_of`` is pure arithmetic: O(group size), whatever
+    the world size.
+    """
+
+    config: ParallelConfig
+    dense: RankGrid = field(init=False, repr=False, compare=False)
+    expert: RankGrid = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        c = self.config
+        dense = RankGrid.build(tp=c.tp, cp=c.cp, ep=1, dp=c.dp, pp=c.pp, order=c.order)
+        expert = RankGrid.build(
+            tp=c.etp,  # type: ignore[arg-type]
+            cp=1,
+            ep=c.ep,
+            dp=c.edp,
+            pp=c.pp,
+            order=c.order,
+            names={"tp": "etp", "dp": "edp"},
+        )
+        if c.pp > 1 and dense.stride_of("pp") != expert.stride_of("pp"):
+            raise LayoutError(
+                f"order {c.order!r} gives different pipeline groups to the dense grid "
+                f"(stride {dense.stride_of('pp')}) and the expert grid (stride "
+                f"{expert.stride_of('pp')}); megatron-core requires them equal: "
+                f"put 'pp' last or make etp = tp (etp={c.etp}, tp={c.tp})"
+            )
+        object.__setattr__(self, "dense", dense)
+        object.__setattr__(self, "expert", expert)
+
+    # -- sizes -----------------------------------------------------------------
+
+    @property
+    def world_size(self) -> int:
+        return self.config.world_size
+
+    @property
+    def kinds(self) -> Tuple[str, ...]:
+        """Every kind this layout answers, in a fixed order."""
+        return tuple(KINDS)
+
+    def spec(self, kind: str) -> KindSpec:
+        try:
+            return KINDS[kind]
+        except (KeyError, TypeError):
+            raise LayoutError(
+                f"unknown group kind {kind!r}; known kinds: {', '.join(KINDS)}"
+            ) from None
+
+    def _grid(self, spec: KindSpec) -> RankGrid:
+        return self.dense if spec.grid == "dense" else self.expert
+
+    def _geometry(self, kind: str) -> _Geometry:
+        spec = self.spec(kind)
+        return self._grid(spec).geometry(spec.tokens)
+
+    def size(self, kind: str) -> int:
+        """Number of ranks in each group of ``kind``."""
+        return self._geometry(kind).group_size
+
+    def num_groups(self, kind: str) -> int:
+        """Number of groups of ``kind`` (world size / group size)."""
+        return self._geometry(kind).num_groups
+
+    # -- groups ----------------------------------------------------------------
+
+    def groups(self, kind: str) -> List[List[int]]:
+        """All groups of ``kind`` (a fresh list), e.g. ``plan(8, tp=2).groups("tp")[:2] == [[0, 1], [2, 3]]``."""
+        spec = self.spec(kind)
+        return self._grid(spec).groups(spec.tokens)
+
+    def iter_groups(self, kind: str) -> Iterator[List[int]]:
+        """The groups of ``kind`` one at a time, in the order of :meth:`groups`."""
+        geo = self._geometry(kind)
+        offsets = geo.offsets
+        for index in range(geo.num_groups):
+            base = geo.base_of_index(index)
+            yield [base + o for o in offsets]
+
+    def group(self, kind: str, index: int) -> List[int]:
+        """The ``index``-th group of ``kind`` in enumeration order."""
+        geo = self._geometry(kind)
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < geo.num_groups:
+            raise LayoutError(
+                f"group index {index!r} is outside 0..{geo.num_groups - 1} for kind {kind!r}"
+            )
+        base = geo.base_of_index(index)
+        return [base + o for o in geo.offsets]
+
+    def _check_rank(self, rank: Any) -> int:
+        if isinstance(rank, bool) or not isinstance(rank, int):
+            raise LayoutError(f"rank must be an integer, got {rank!r} ({type(rank).__name__})")
+        if not 0 <= rank < self.world_size:
+            raise LayoutError(
+                f"rank {rank} is outside the world of {self.world_size} ranks "
+                f"(0..{self.world_size - 1})"
+            )
+        return rank
+
+    def group_of(self, kind: str, rank: int) -> List[int]:
+        """The group of ``kind`` that holds ``rank``, ascending; computed, not looked up."""
+        geo = self._geometry(kind)
+        base = geo.base_of_rank(self._check_rank(rank))
+        return [base + o for o in geo.offsets]
+
+    def group_index(self, kind: str, rank: int) -> int:
+        """Position of ``rank``'s group in :meth:`groups` order."""
+        geo = self._geometry(kind)
+        return geo.index_of_rank(self._check_rank(rank))
+
+    def rank_in_group(self, kind: str, rank: int) -> int:
+        """``rank``'s position inside its group of ``kind``."""
+        geo = self._geometry(kind)
+        rank = self._check_rank(rank)
+        position, scale = 0, 1
+        for size, stride in geo.masked:
+            position += ((rank // stride) % size) * scale
+            scale *= size
+        return position
+
+    # -- nodes -----------------------------------------------------------------
+
+    def intra_node(self, kind: str) -> bool:
+        """Whether every group of ``kind`` stays inside one node (needs ``gpus_per_node``).
+
+        Ranks ``n*g .. n*g + g-1`` form node ``n``. A group lies in one node iff its
+        smallest and largest rank do; the smallest ranks' residues modulo ``g`` are
+        found per dimension, so this costs O(dims·g²), not O(world).
+        """
+        gpn = self.config.gpus_per_node
+        if gpn is None:
+            raise LayoutError(
+                "intra_node needs gpus_per_node; pass plan(..., gpus_per_node=8) for 8 GPUs per node"
+            )
+        geo = self._geometry(kind)
+        span = geo.offsets[-1]
+        if span >= gpn:
+            return False
+        residues = {0}
+        for size, stride in geo.unmasked:
+            steps = {(i * stride) % gpn for i in range(min(size, gpn))}
+            residues = {(r + s) % gpn for r in residues for s in steps}
+        return max(residues) + span < gpn
+
+    def node_of(self, rank: int) -> int:
+        gpn = self.config.gpus_per_node
+        if gpn is None:
+            raise LayoutError("node_of needs gpus_per_node; pass plan(..., gpus_per_node=8)")
+        return self._check_rank(rank) // gpn
+
+    # -- export ----------------------------------------------------------------
+
+    def to_dict(self, *, max_groups: Optional[int] = 8) -> Dict[str, Any]:
+        """A JSON-ready description: the config and, per kind, sizes and groups.
+
+        ``max_groups`` bounds the groups listed per kind (``None``: all of them);
+        ``"truncated"`` says whether some were left out.
+        """
+        kinds: Dict[str, Any] = {}
+        for kind in self.kinds:
+            count = self.num_groups(kind)
+            shown = count if max_groups is None else min(count, max_groups)
+            entry: Dict[str, Any] = {
+                "description": KINDS[kind].description,
+                "size": self.size(kind),
+                "num_groups": count,
+                "groups": list(itertools.islice(self.iter_groups(kind), shown)),
+                "truncated": shown < count,
+            }
+            if self.config.gpus_per_node is not None:
+                entry["intra_node"] = self.intra_node(kind)
+            kinds[kind] = entry
+        return {"config": self.config.to_dict(), "kinds": kinds}
+
+
+def plan(
+    world_size: int,
+    *,
+    tp: int = 1,
+    pp: int = 1,
+    cp: int = 1,
+    ep: int = 1,
+    etp: Optional[int] = None,
+    order: str = DEFAULT_ORDER,
+    gpus_per_node: Optional[int] = None,
+) -> Layout:
+    """Validate the sizes and return the :class:`Layout` of every group kind.
+
+    Raises :class:`~mpu_bridge.errors.LayoutError` naming the numbers and the fix
+    when the sizes cannot form a layout.
+
+    Example::
+
+        >>> plan(8, tp=2, pp=2).groups("dp")
+        [[0, 2], [1, 3], [4, 6], [5, 7]]
+    """
+    config = ParallelConfig(
+        world_size=world_size,
+        tp=tp,
+        pp=pp,
+        cp=cp,
+        ep=ep,
+        etp=etp,
+        order=order,
+        gpus_per_node=gpus_per_node,
+    )
+    return Layout(config)
