@@ -1,9 +1,20 @@
 """mpu-bridge: the process groups of large-model training, derived from any Megatron MPU.
 
-The planner (:func:`plan`) is pure arithmetic and imports no torch.
+The planner (:func:`plan`) is pure arithmetic and imports no torch; ``attach`` and
+``Bridge`` import torch on first use.
+
+Example::
+
+    layout = mpu_bridge.plan(64, tp=2, pp=2, ep=4)      # no processes needed
+    bridge = mpu_bridge.attach(parallel_state)          # on every rank of a real job
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .bridge import Bridge, attach
 
 from .errors import BridgeError, GroupCreationError, LayoutError, MpuError, PlanMismatchError
 from .layout import DEFAULT_ORDER, KINDS, Layout, ParallelConfig, RankGrid, plan
@@ -23,4 +34,18 @@ __all__ = [
     "RankGrid",
     "plan",
     "__version__",
+    "attach",
+    "Bridge",
 ]
+
+_LAZY = {"attach": "bridge", "Bridge": "bridge"}
+
+
+def __getattr__(name: str) -> Any:
+    """Import the torch-dependent parts only when they are asked for."""
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'mpu_bridge' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(f".{module}", __name__), name)

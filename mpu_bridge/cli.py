@@ -1,0 +1,228 @@
+"""The ``mpu-bridge`` command (also ``python -m mpu_bridge``).
+
+``mpu-bridge plan`` is a dry run of the rank layout at any world size: no
+processes, no torch (this module imports only the pure layout modules, so the
+planner answers in a fraction of a second even at a million ranks)::
+
+    mpu-bridge plan --world-size 64 --tp 2 --pp 2 --ep 4 --gpus-per-node 8 --rank 13
+    mpu-bridge plan --world-size 64 --tp 2 --pp 2 --ep 4 --gpus-per-node 8 \\
+        --format svg --color-by ep --output plan.svg
+
+Invalid sizes print ``mpu-bridge: error: <message>`` on stderr and exit with
+status 2, as do usage errors.
+
+Adding a subcommand: write ``_add_<name>_arguments(parser)`` and
+``_run_<name>(args) -> int`` and append a :class:`Subcommand` to the tuple
+returned by :func:`subcommands`. A subcommand that needs torch must import it
+inside its ``run`` function, never at module level here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence, Tuple
+
+from . import __version__
+from .errors import BridgeError
+from .layout import DEFAULT_ORDER, KINDS, Layout, plan
+from .render import default_color_kind, render_json, render_svg, render_text
+
+__all__ = ["Subcommand", "build_parser", "main", "subcommands"]
+
+_PROG = "mpu-bridge"
+_ALL = "all"
+
+#: Groups listed per kind when ``--max-groups`` is not given.
+_TEXT_MAX_GROUPS = 4
+_JSON_MAX_GROUPS = 8
+_SVG_COVER_GROUPS = 8
+
+
+@dataclass(frozen=True)
+class Subcommand:
+    """One ``mpu-bridge <name>`` subcommand: how to declare its arguments and how to run it.
+
+    ``run`` gets the parsed arguments and returns the exit status; a
+    :class:`~mpu_bridge.errors.BridgeError` it raises becomes ``mpu-bridge: error: ...``
+    and status 2.
+    """
+
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+# -- plan ------------------------------------------------------------------------
+
+
+def _max_groups(text: str) -> object:
+    """``--max-groups``: a positive integer or ``all``."""
+    if text.strip().lower() == _ALL:
+        return _ALL
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'all', got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'all', got {value}")
+    return value
+
+
+def _add_plan_arguments(parser: argparse.ArgumentParser) -> None:
+    sizes = parser.add_argument_group("sizes")
+    sizes.add_argument("--world-size", type=int, required=True, metavar="N", help="number of ranks (GPUs)")
+    sizes.add_argument("--tp", type=int, default=1, metavar="N", help="tensor-parallel size (default 1)")
+    sizes.add_argument("--pp", type=int, default=1, metavar="N", help="pipeline-parallel size (default 1)")
+    sizes.add_argument("--cp", type=int, default=1, metavar="N", help="context-parallel size (default 1)")
+    sizes.add_argument("--ep", type=int, default=1, metavar="N", help="expert-parallel size (default 1)")
+    sizes.add_argument(
+        "--etp", type=int, default=None, metavar="N", help="expert tensor-parallel size (default: tp)"
+    )
+    sizes.add_argument(
+        "--order",
+        default=DEFAULT_ORDER,
+        help=f"Megatron order string, first token varying fastest (default {DEFAULT_ORDER})",
+    )
+    sizes.add_argument(
+        "--gpus-per-node",
+        type=int,
+        default=None,
+        metavar="N",
+        help="GPUs per node: shows which groups cross nodes",
+    )
+    output = parser.add_argument_group("output")
+    output.add_argument(
+        "--rank", type=int, default=None, metavar="R", help="also show this rank's group of every kind"
+    )
+    output.add_argument(
+        "--format", choices=("text", "json", "svg"), default="text", help="output format (default text)"
+    )
+    output.add_argument(
+        "--output", "-o", default=None, metavar="FILE", help="write to FILE instead of stdout"
+    )
+    output.add_argument(
+        "--color-by",
+        choices=tuple(KINDS),
+        default=None,
+        metavar="KIND",
+        help="svg: the group kind that colours the cells (default: ep when ep > 1, else tp when "
+        f"tp > 1, else the first of cp, pp, dp above 1); one of {', '.join(KINDS)}",
+    )
+    output.add_argument(
+        "--max-groups",
+        type=_max_groups,
+        default=None,
+        metavar="N|all",
+        help=f"groups listed per kind (text: up to {_TEXT_MAX_GROUPS} that fit the line; "
+        f"json: {_JSON_MAX_GROUPS}); svg: draw enough nodes to cover the first N groups of "
+        f"--color-by (default {_SVG_COVER_GROUPS})",
+    )
+
+
+def _render_plan(layout: Layout, args: argparse.Namespace) -> str:
+    limit = args.max_groups
+    if args.format == "json":
+        max_groups = _JSON_MAX_GROUPS if limit is None else (None if limit == _ALL else limit)
+        return render_json(layout, rank=args.rank, max_groups=max_groups)
+    if args.format == "svg":
+        cover = _SVG_COVER_GROUPS if limit is None else (None if limit == _ALL else limit)
+        color_by = args.color_by or default_color_kind(layout)
+        return render_svg(layout, color_by=color_by, rank=args.rank, max_groups=cover)
+    if limit is None:
+        return render_text(layout, rank=args.rank, max_groups=_TEXT_MAX_GROUPS)
+    return render_text(layout, rank=args.rank, max_groups=None if limit == _ALL else limit, fit_width=None)
+
+
+def _run_plan(args: argparse.Namespace) -> int:
+    layout = plan(
+        args.world_size,
+        tp=args.tp,
+        pp=args.pp,
+        cp=args.cp,
+        ep=args.ep,
+        etp=args.etp,
+        order=args.order,
+        gpus_per_node=args.gpus_per_node,
+    )
+    text = _render_plan(layout, args)  # all validation happens before anything is written
+    if args.output is None:
+        _write_stdout(text)
+        return 0
+    try:
+        with open(args.output, "w", encoding="utf-8", newline="\n") as stream:
+            stream.write(text)
+    except OSError as error:
+        print(f"{_PROG}: error: cannot write {args.output}: {error.strerror or error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+# -- the registry and the entry point -------------------------------------------
+
+
+def subcommands() -> Tuple[Subcommand, ...]:
+    """Every subcommand, in the order ``--help`` lists them. Append new ones here."""
+    return (
+        Subcommand(
+            "plan",
+            "dry-run the process-group layout for given sizes (text table, JSON or SVG)",
+            _add_plan_arguments,
+            _run_plan,
+        ),
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``mpu-bridge`` argument parser, one subparser per :func:`subcommands` entry."""
+    parser = argparse.ArgumentParser(
+        prog=_PROG,
+        description="Process groups of Megatron-style training, derived from any MPU.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for command in subcommands():
+        sub = commands.add_parser(command.name, help=command.help, description=command.help)
+        command.add_arguments(sub)
+        sub.set_defaults(run=command.run)
+    return parser
+
+
+def _write_stdout(text: str) -> None:
+    stream = sys.stdout
+    try:
+        stream.write(text)
+    except UnicodeEncodeError:  # a terminal that cannot show '…' or '×'
+        encoding = getattr(stream, "encoding", None) or "ascii"
+        stream.write(text.encode(encoding, "replace").decode(encoding))
+    stream.flush()
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run ``mpu-bridge`` with ``argv`` (default ``sys.argv[1:]``) and return the exit status.
+
+    0 on success; 2 for usage errors and for sizes that cannot form a layout (the
+    message goes to stderr as ``mpu-bridge: error: ...``, without a traceback).
+
+    Example: ``main(["plan", "--world-size", "8", "--tp", "2"])`` prints the table, returns 0.
+    """
+    parser = build_parser()
+    try:
+        args = parser.parse_args(None if argv is None else list(argv))
+    except SystemExit as stop:  # argparse: --help / --version (0) or a usage error (2)
+        return stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 2)
+    try:
+        return args.run(args)
+    except BridgeError as error:
+        print(f"{_PROG}: error: {error}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # e.g. `mpu-bridge plan ... | head`: stop quietly
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError, AttributeError):
+            pass
+        return 1
