@@ -325,7 +325,7 @@ class ParallelConfig:
         if world % expert:
             hint = ""
             if etp == tp:
-                hint = f"; equivalently dp·cp = {world // dense} is not divisible by ep = {ep}"
+                hint = f"; equivalently dp·cp = {world // (tp * pp)} is not divisible by ep = {ep}"
             raise LayoutError(
                 f"world size {world} is not divisible by etp·ep·pp = {expert} "
                 f"(etp={etp}, ep={ep}, pp={pp}){hint}; choose an ep (or etp) that divides it"
@@ -447,16 +447,24 @@ class Layout:
         return self._grid(spec).groups(spec.tokens)
 
     def iter_groups(self, kind: str) -> Iterator[List[int]]:
-        """The groups of ``kind`` one at a time, in the order of :meth:`groups`."""
+        """The groups of ``kind`` one at a time, in the order of :meth:`groups` (kind checked now)."""
         geo = self._geometry(kind)
-        offsets = geo.offsets
-        for index in range(geo.num_groups):
-            base = geo.base_of_index(index)
-            yield [base + o for o in offsets]
+
+        def generate() -> Iterator[List[int]]:
+            offsets = geo.offsets
+            for index in range(geo.num_groups):
+                base = geo.base_of_index(index)
+                yield [base + o for o in offsets]
+
+        return generate()
 
     def group(self, kind: str, index: int) -> List[int]:
         """The ``index``-th group of ``kind`` in enumeration order."""
         geo = self._geometry(kind)
+        try:
+            index = operator.index(index) if not isinstance(index, bool) else index
+        except TypeError:
+            pass
         if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < geo.num_groups:
             raise LayoutError(
                 f"group index {index!r} is outside 0..{geo.num_groups - 1} for kind {kind!r}"
@@ -465,8 +473,12 @@ class Layout:
         return [base + o for o in geo.offsets]
 
     def _check_rank(self, rank: Any) -> int:
-        if isinstance(rank, bool) or not isinstance(rank, int):
-            raise LayoutError(f"rank must be an integer, got {rank!r} ({type(rank).__name__})")
+        try:
+            if isinstance(rank, bool):
+                raise TypeError
+            rank = operator.index(rank)
+        except TypeError:
+            raise LayoutError(f"rank must be an integer, got {rank!r} ({type(rank).__name__})") from None
         if not 0 <= rank < self.world_size:
             raise LayoutError(
                 f"rank {rank} is outside the world of {self.world_size} ranks "

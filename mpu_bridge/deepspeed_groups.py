@@ -1,0 +1,397 @@
+"""Functions named like ``deepspeed.utils.groups``, for code written against DeepSpeed.
+
+Every function works on one module-level default :class:`~mpu_bridge.bridge.Bridge`,
+attached lazily to the MPU given to :func:`set_mpu` (standalone without one) and
+dropped by :func:`reset`. Differences from the reference, all deliberate:
+
+* source ranks come from the group's own ranks (``ranks[0]``), also for strided groups;
+* asking twice for hpZ groups of the same size is a no-op, not an error;
+* ``_zero_param_parallel_is_initialized`` returns a real bool;
+* unknown group names raise :class:`~mpu_bridge.errors.BridgeError`, not ``AssertionError``.
+
+Importing this module does not import torch; the first group query does.
+
+Example::
+
+    >>> _get_expert_parallel_ranks(16, 2, 4)[0]
+    [[0, 2, 4, 6], [8, 10, 12, 14], [1, 3, 5, 7], [9, 11, 13, 15]]
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING, Any, Dict, List, Optional
+
+from .deepspeed_layouts import _get_expert_parallel_ranks
+from .errors import BridgeError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .bridge import Bridge, ExpertGroups, GroupInfo
+
+__all__ = [
+    "_get_expert_parallel_ranks",
+    "set_mpu",
+    "reset",
+    "get_bridge",
+    "initialize",
+    "_create_expert_and_data_parallel",
+    "_create_expert_data_and_model_parallel",
+    "_get_max_expert_size",
+    "_get_max_expert_size_name",
+    "_get_max_expert_parallel_group",
+    "_get_expert_parallel_group",
+    "_get_expert_parallel_group_ranks",
+    "_get_expert_parallel_group_dict",
+    "_get_expert_data_parallel_group",
+    "_get_expert_data_parallel_group_ranks",
+    "_get_expert_data_parallel_group_dict",
+    "_get_expert_parallel_world_size",
+    "_get_expert_parallel_rank",
+    "_get_expert_parallel_src_rank",
+    "_get_expert_data_parallel_world_size",
+    "_get_expert_data_parallel_rank",
+    "_get_expert_broadcast_src_rank",
+    "_get_expert_model_parallel_world_size",
+    "_clone_world_group",
+    "_get_local_all_to_all_group",
+    "_get_data_parallel_group",
+    "_get_data_parallel_group_ranks",
+    "_get_data_parallel_world_size",
+    "_get_data_parallel_rank",
+    "_get_model_parallel_world_size",
+    "_get_broadcast_src_rank",
+    "_get_sequence_parallel_world_size",
+    "_get_sequence_parallel_rank",
+    "_get_sequence_parallel_group",
+    "_get_sequence_data_parallel_world_size",
+    "_get_sequence_data_parallel_rank",
+    "_get_sequence_data_parallel_group",
+    "_create_zero_param_parallel_group",
+    "_get_zero_param_intra_parallel_group",
+    "_zero_param_parallel_is_initialized",
+    "_get_zero_param_intra_parallel_rank_in_mygroup",
+    "_get_zero_param_intra_parallel_group_world_size",
+    "_get_zero_param_intra_parallel_group_ranks",
+]
+
+
+# ---------------------------------------------------------------------------
+# The deepspeed.utils.groups function names, over one module-level default bridge.
+# ---------------------------------------------------------------------------
+
+
+class _DefaultBridge:
+    """The one bridge behind this module's functions: attached lazily, replaced by set_mpu()."""
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self._mpu: Optional[object] = None
+        self._bridge: Optional["Bridge"] = None
+        self._zero_size: Optional[int] = None
+
+    def get(self) -> "Bridge":
+        with self._lock:
+            if self._bridge is None:
+                from .bridge import attach
+
+                self._bridge = attach(self._mpu)
+            return self._bridge
+
+    def set_mpu(self, mpu: Optional[object]) -> None:
+        with self._lock:
+            if self._bridge is not None and mpu is self._mpu:
+                return
+            self.reset()
+            self._mpu = mpu
+
+    def reset(self) -> None:
+        with self._lock:
+            if self._bridge is not None:
+                self._bridge.close()
+            self._bridge = None
+            self._mpu = None
+            self._zero_size = None
+
+    def adopt(self, mpu: object) -> None:
+        """Use ``mpu`` unless the current bridge already stands on the same layout."""
+        from .legacy_mpu import LegacyMpu
+        from .mpu import MpuReader
+
+        with self._lock:
+            if self._bridge is None or mpu is self._mpu:
+                self.set_mpu(mpu)
+                return
+            if isinstance(mpu, LegacyMpu) and object.__getattribute__(mpu, "_bridge") is self._bridge:
+                return
+            sizes = MpuReader(mpu).sizes()
+            c = self._bridge.layout.config
+            if (sizes.tp, sizes.pp, sizes.cp) != (c.tp, c.pp, c.cp):
+                raise BridgeError(
+                    f"the MPU given (tp={sizes.tp}, pp={sizes.pp}, cp={sizes.cp}) differs from the one the "
+                    f"groups were built on (tp={c.tp}, pp={c.pp}, cp={c.cp}); call reset() first"
+                )
+
+    def uses_ulysses(self) -> bool:
+        reader = self.get().reader
+        return reader is not None and reader.is_ulysses
+
+
+_default = _DefaultBridge()
+
+
+def set_mpu(mpu: Optional[object]) -> None:
+    """Use ``mpu`` for every function of this module (``None``: standalone)."""
+    _default.set_mpu(mpu)
+
+
+def reset() -> None:
+    """Forget the MPU and destroy the groups the default bridge created."""
+    _default.reset()
+
+
+def get_bridge() -> "Bridge":
+    """The bridge behind this module's functions."""
+    return _default.get()
+
+
+def initialize(ep_size: int = 1, mpu: Optional[object] = None) -> None:
+    """Removed in DeepSpeed too: raises, saying what to call instead."""
+    raise BridgeError(
+        "groups.initialize() is deprecated (as in DeepSpeed): pass ep_size to the MoE layer, or call "
+        "_create_expert_and_data_parallel(ep_size) / mpu_bridge.attach(mpu).expert_groups(ep_size)"
+    )
+
+
+def _create_expert_and_data_parallel(
+    expert_parallel_size_: int,
+    mp_size: Optional[int] = None,
+    pp_size: Optional[int] = None,
+    mp_mode: str = "tp",
+    use_data_before_expert_parallel_: bool = False,
+    folding_spec: Optional[object] = None,
+) -> None:
+    """Expert groups with expert-TP 1: DeepSpeed's E+D (or D+E) path, pipeline-aware.
+
+    ``mp_size > 1`` with ``mp_mode="sp"`` gives the same lists as the plain path.
+    DeepSpeed's TP-strided path (``mp_size > 1``, ``mp_mode="tp"``, used by its
+    AutoEP fallback) joins expert-data groups across tensor lanes, which is no
+    Megatron layout: it is refused with a clear error, as is ``folding_spec``.
+    """
+    if folding_spec is not None:
+        raise BridgeError("folding_spec (DeepSpeed AutoEP folding tables) is not supported by mpu-bridge")
+    if mp_mode not in ("tp", "sp"):
+        raise BridgeError(f"mp_mode must be 'tp' or 'sp', got {mp_mode!r}")
+    if mp_size is not None and mp_size > 1 and mp_mode == "tp":
+        raise BridgeError(
+            f"mp_size={mp_size} with mp_mode='tp' is DeepSpeed's TP-strided AutoEP layout, whose "
+            "expert-data groups span tensor lanes; mpu-bridge does not build it. Use "
+            "_create_expert_data_and_model_parallel(ep, mpu) for expert tensor parallelism, or mp_mode='sp'"
+        )
+    bridge = _default.get()
+    pp = bridge.layout.config.pp
+    if pp_size is not None and pp_size != pp:
+        raise BridgeError(
+            f"pp_size={pp_size} disagrees with the MPU's pipeline-parallel size {pp}; "
+            "set the MPU with set_mpu() or drop pp_size"
+        )
+    bridge.expert_groups(
+        expert_parallel_size_,
+        data_before_expert=use_data_before_expert_parallel_,
+        expert_tensor_parallel=False,
+    )
+
+
+def _create_expert_data_and_model_parallel(
+    expert_parallel_size_: int, mpu: object, use_data_before_expert_parallel_: bool = False
+) -> None:
+    """Expert groups with expert tensor parallelism from ``mpu`` (DeepSpeed's E+M+D / D+E).
+
+    The default bridge is kept when it already stands on ``mpu`` (or on an MPU of
+    the same sizes, such as a legacy adapter of it), so earlier groups survive.
+    """
+    _default.adopt(mpu)
+    _default.get().expert_groups(
+        expert_parallel_size_, data_before_expert=use_data_before_expert_parallel_, expert_tensor_parallel=True
+    )
+
+
+def _get_max_expert_size() -> Optional[int]:
+    bridge = _default.get()
+    return bridge.max_expert_size() if bridge.expert_group_names() else None
+
+
+def _get_max_expert_size_name() -> str:
+    return _default.get().max_expert_size_name()
+
+
+def _get_max_expert_parallel_group() -> Any:
+    return _default.get().max_expert_groups().expert_parallel.group
+
+
+def _expert(group_name: str) -> "ExpertGroups":
+    return _default.get().get_expert_groups(group_name)
+
+
+def _get_expert_parallel_group(group_name: str) -> Any:
+    return _expert(group_name).expert_parallel.group
+
+
+def _get_expert_parallel_group_ranks(group_name: str) -> List[int]:
+    return list(_expert(group_name).expert_parallel.ranks)
+
+
+def _get_expert_parallel_group_dict() -> Dict[str, Any]:
+    bridge = _default.get()
+    return {name: bridge.get_expert_groups(name).expert_parallel.group for name in bridge.expert_group_names()}
+
+
+def _get_expert_data_parallel_group(group_name: str) -> Any:
+    return _expert(group_name).expert_data_parallel.group
+
+
+def _get_expert_data_parallel_group_ranks(group_name: str) -> List[int]:
+    return list(_expert(group_name).expert_data_parallel.ranks)
+
+
+def _get_expert_data_parallel_group_dict() -> Dict[str, Any]:
+    bridge = _default.get()
+    return {
+        name: bridge.get_expert_groups(name).expert_data_parallel.group for name in bridge.expert_group_names()
+    }
+
+
+def _get_expert_parallel_world_size(group_name: str) -> int:
+    return _expert(group_name).expert_parallel.world_size
+
+
+def _get_expert_parallel_rank(group_name: str) -> int:
+    return _expert(group_name).expert_parallel.rank
+
+
+def _get_expert_parallel_src_rank(group_name: str) -> int:
+    """Global rank of the EP group's rank 0 (right for strided groups, unlike the reference)."""
+    return _expert(group_name).expert_parallel.src_rank
+
+
+def _get_expert_data_parallel_world_size(group_name: str) -> int:
+    return _expert(group_name).expert_data_parallel.world_size
+
+
+def _get_expert_data_parallel_rank(group_name: str) -> int:
+    return _expert(group_name).expert_data_parallel.rank
+
+
+def _get_expert_broadcast_src_rank(group_name: str) -> int:
+    return _expert(group_name).expert_data_parallel.src_rank
+
+
+def _get_expert_model_parallel_world_size() -> int:
+    """Expert tensor-parallel size of the largest expert groups (1 when there are none)."""
+    bridge = _default.get()
+    if not bridge.expert_group_names():
+        return 1
+    return bridge.max_expert_groups().layout.config.etp or 1
+
+
+def _clone_world_group() -> Any:
+    return _default.get().world().group
+
+
+def _get_local_all_to_all_group() -> Dict[str, Any]:
+    return _default.get().all_to_all_groups().as_dict()
+
+
+def _get_data_parallel_group() -> Any:
+    """The data-parallel group; ``None`` for DeepSpeed's Ulysses MPU, exactly as DeepSpeed."""
+    if _default.uses_ulysses():
+        return None
+    return _default.get().data_parallel().group
+
+
+def _get_data_parallel_group_ranks() -> List[int]:
+    return list(_default.get().data_parallel().ranks)
+
+
+def _get_data_parallel_world_size() -> Optional[int]:
+    if _default.uses_ulysses():
+        return None
+    return _default.get().data_parallel().world_size
+
+
+def _get_data_parallel_rank() -> int:
+    return _default.get().data_parallel().rank
+
+
+def _get_model_parallel_world_size() -> int:
+    if _default.uses_ulysses():
+        return 1
+    return _default.get().model_parallel().world_size
+
+
+def _get_broadcast_src_rank() -> int:
+    return _default.get().sequence_data_parallel().src_rank
+
+
+def _get_sequence_parallel_world_size() -> int:
+    return _default.get().sequence_parallel().world_size
+
+
+def _get_sequence_parallel_rank() -> int:
+    return _default.get().sequence_parallel().rank
+
+
+def _get_sequence_parallel_group() -> Any:
+    return _default.get().sequence_parallel().group
+
+
+def _get_sequence_data_parallel_world_size() -> int:
+    return _default.get().sequence_data_parallel().world_size
+
+
+def _get_sequence_data_parallel_rank() -> int:
+    return _default.get().sequence_data_parallel().rank
+
+
+def _get_sequence_data_parallel_group() -> Any:
+    return _default.get().sequence_data_parallel().group
+
+
+def _create_zero_param_parallel_group(group_size: int) -> None:
+    """ZeRO++ hpZ groups. Asking again for the same size is a no-op (DeepSpeed raises);
+    a different size is an error, since the getters below take no size."""
+    with _default._lock:
+        if _default._zero_size is not None and _default._zero_size != group_size:
+            raise BridgeError(
+                f"hpZ groups of size {_default._zero_size} already exist; DeepSpeed's getters take no "
+                f"size, so size {group_size} cannot be added here (use Bridge.zero_param_groups for several)"
+            )
+        _default.get().zero_param_groups(group_size)
+        _default._zero_size = group_size
+
+
+def _zero_info() -> "GroupInfo":
+    with _default._lock:
+        if _default._zero_size is None:
+            raise BridgeError("no hpZ groups yet; call _create_zero_param_parallel_group(size) first")
+        return _default.get().zero_param_groups(_default._zero_size)
+
+
+def _get_zero_param_intra_parallel_group() -> Any:
+    return _zero_info().group
+
+
+def _zero_param_parallel_is_initialized() -> bool:
+    """Whether hpZ groups exist (a real bool, unlike the reference's None)."""
+    return _default._zero_size is not None
+
+
+def _get_zero_param_intra_parallel_rank_in_mygroup() -> int:
+    return _zero_info().rank
+
+
+def _get_zero_param_intra_parallel_group_world_size() -> int:
+    return _zero_info().world_size
+
+
+def _get_zero_param_intra_parallel_group_ranks() -> List[int]:
+    return list(_zero_info().ranks)
