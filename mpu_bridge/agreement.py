@@ -1,0 +1,372 @@
+"""Cross-rank agreement on a group-creation plan, through the default ``torch.distributed`` store.
+
+Before any rank creates a process group, every rank publishes a *digest* of what it
+is about to create (plus a few *facts* about its own state) and waits until all
+ranks have done so. Then every rank knows, from the same final counters, whether
+all digests are equal and which facts were unanimous, and all ranks reach the
+same decision: go ahead, or raise the same error. No rank is left behind in a
+``new_group`` that the others never enter.
+
+Cost in the success path: O(1) store operations per rank, whatever the world size
+(one record, one counter per digest and per fact, one arrival counter, one wait on
+a key the last rank sets). Only an error or a disagreement reads every rank's
+record, and then on a single *reporting* rank that publishes the result for the
+others (O(world) in total, not per rank).
+
+Consistency: the round ends through one atomic ``compare_set`` on the round's
+``done`` key. The last rank to arrive writes ``ok``; a rank whose wait times out
+tries to write ``timeout``. Whichever lands first is what every rank reads, so a
+rank arriving just after the deadline raises too instead of creating groups alone.
+
+Store layout (all under ``mpu_bridge/agree/``): ``rounds/<rank>`` counts the
+rounds a rank has joined, so round ``n`` is the ``n``-th agreement on every rank
+(independent of which registry asks); round keys live under ``<n>/``.
+
+Example (every rank)::
+
+    store = torch.distributed.distributed_c10d._get_default_store()
+    result = agree(store, rank=r, world_size=w, digest="ab12", summary="ep[ep=4]", timeout=60)
+    result.is_unanimous("names")
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+from .errors import GroupCreationError, PlanMismatchError
+
+__all__ = ["NAMESPACE", "Agreement", "Table", "agree", "format_ranks"]
+
+logger = logging.getLogger(__name__)
+
+#: Store prefix of every agreement key.
+NAMESPACE = "mpu_bridge/agree"
+
+_OK = "ok"
+_MAX_VALUE_IN_KEY = 64
+_MAX_SUMMARY = 600
+_MULTI_GET_CHUNK = 4096
+
+
+def format_ranks(ranks: Sequence[int], limit: int = 24) -> str:
+    """Ranks as a short list with ranges, e.g. ``[0, 1, 4-7]``; long lists are cut with a count.
+
+    Example: ``format_ranks([0, 1, 2, 5]) == "[0-2, 5]"``.
+    """
+    ordered = sorted(set(int(r) for r in ranks))
+    parts: List[str] = []
+    start = prev = None
+    for r in ordered:
+        if start is None:
+            start = prev = r
+        elif r == prev + 1:  # type: ignore[operator]
+            prev = r
+        else:
+            parts.append(f"{start}" if start == prev else f"{start}-{prev}")
+            start = prev = r
+    if start is not None:
+        parts.append(f"{start}" if start == prev else f"{start}-{prev}")
+    if len(parts) > limit:
+        shown = ", ".join(parts[:limit])
+        return f"[{shown}, ... ({len(ordered)} ranks in all)]"
+    return "[" + ", ".join(parts) + "]"
+
+
+def _value_key(value: str) -> str:
+    """A store-key-safe form of a fact value: itself if short, else its hash."""
+    if len(value) <= _MAX_VALUE_IN_KEY and "/" not in value:
+        return value
+    return "h" + hashlib.sha1(value.encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True)
+class Table:
+    """Every rank's answer, grouped: which ranks planned what, and which held which fact values.
+
+    ``plans`` is ``((ranks, digest, summary), ...)`` and ``facts[name]`` is
+    ``((ranks, value), ...)``, each sorted by its smallest rank, so every rank
+    builds the same messages from it.
+    """
+
+    plans: Tuple[Tuple[Tuple[int, ...], str, str], ...]
+    facts: Mapping[str, Tuple[Tuple[Tuple[int, ...], str], ...]]
+
+    def describe_plans(self) -> str:
+        """``ranks [0, 1] planned <A>; ranks [2, 3] planned <B>``."""
+        return "; ".join(
+            f"ranks {format_ranks(ranks)} planned {summary}" for ranks, _, summary in self.plans
+        )
+
+    def describe_fact(self, name: str) -> str:
+        """``ranks [0, 1] have 5; ranks [2, 3] have 4`` for one fact."""
+        return "; ".join(
+            f"ranks {format_ranks(ranks)} have {value}" for ranks, value in self.facts.get(name, ())
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> "Table":
+        raw = json.loads(text)
+        plans = tuple((tuple(r), d, s) for r, d, s in raw["plans"])
+        facts = {
+            name: tuple((tuple(r), v) for r, v in entries) for name, entries in raw["facts"].items()
+        }
+        return cls(plans=plans, facts=facts)
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "plans": [[list(r), d, s] for r, d, s in self.plans],
+                "facts": {n: [[list(r), v] for r, v in e] for n, e in self.facts.items()},
+            }
+        )
+
+
+@dataclass
+class Agreement:
+    """The outcome of one round on this rank: every rank published the same digest.
+
+    ``unanimous[name]`` says whether every rank reported the same value of fact
+    ``name``; every rank sees the same flags, so decisions taken from them are the
+    same everywhere. :meth:`collect` fetches every rank's values (a collective step:
+    call it on every rank or on none).
+    """
+
+    round: int
+    rank: int
+    world_size: int
+    facts: Mapping[str, str]
+    unanimous: Mapping[str, bool]
+    _store: Any = field(repr=False)
+    _prefix: str = field(repr=False)
+    _timeout: float = field(repr=False)
+    _table: Optional[Table] = field(default=None, repr=False)
+
+    def is_unanimous(self, name: str) -> bool:
+        """Whether every rank reported the same value of fact ``name`` (True for unknown facts)."""
+        return self.unanimous.get(name, True)
+
+    @property
+    def all_unanimous(self) -> bool:
+        return all(self.unanimous.values())
+
+    def collect(self) -> Table:
+        """Every rank's plan and facts, grouped (O(world) store reads on one rank; collective)."""
+        if self._table is None:
+            self._table = _collect(self._store, self._prefix, self.rank, self.world_size, self._timeout)
+        return self._table
+
+
+def _wait(store: Any, key: str, seconds: float) -> bool:
+    """Wait up to ``seconds`` for ``key``; False on timeout (a store error other than that raises)."""
+    if seconds <= 0:
+        return bool(store.check([key]))
+    try:
+        store.wait([key], datetime.timedelta(seconds=seconds))
+        return True
+    except RuntimeError as exc:  # DistStoreError (a RuntimeError) on timeout
+        if store.check([key]):
+            return True
+        if "timeout" in str(exc).lower() or "timed out" in str(exc).lower():
+            return False
+        raise
+
+
+def _missing_ranks(store: Any, prefix: str, world_size: int) -> List[int]:
+    """Ranks whose record is absent, found by halving: O(missing · log world) ``check`` calls."""
+    missing: List[int] = []
+    stack = [(0, world_size)]
+    while stack:
+        lo, hi = stack.pop()
+        keys = [f"{prefix}/r/{r}" for r in range(lo, hi)]
+        if store.check(keys):
+            continue
+        if hi - lo == 1:
+            missing.append(lo)
+            continue
+        mid = (lo + hi) // 2
+        stack.append((mid, hi))
+        stack.append((lo, mid))
+    return sorted(missing)
+
+
+def _read_records(store: Any, prefix: str, world_size: int) -> List[Dict[str, Any]]:
+    keys = [f"{prefix}/r/{r}" for r in range(world_size)]
+    values: List[bytes] = []
+    multi_get = getattr(store, "multi_get", None)
+    for start in range(0, len(keys), _MULTI_GET_CHUNK):
+        chunk = keys[start : start + _MULTI_GET_CHUNK]
+        if multi_get is not None:
+            try:
+                values.extend(multi_get(chunk))
+                continue
+            except (RuntimeError, NotImplementedError):
+                multi_get = None
+        values.extend(store.get(k) for k in chunk)
+    return [json.loads(v.decode("utf-8")) for v in values]
+
+
+def _build_table(records: List[Dict[str, Any]]) -> Table:
+    plans: Dict[Tuple[str, str], List[int]] = {}
+    facts: Dict[str, Dict[str, List[int]]] = {}
+    for r, rec in enumerate(records):
+        plans.setdefault((rec["d"], rec["s"]), []).append(r)
+        for name, value in rec["f"].items():
+            facts.setdefault(name, {}).setdefault(value, []).append(r)
+    plan_rows = sorted(((tuple(rs), d, s) for (d, s), rs in plans.items()), key=lambda x: x[0][0])
+    fact_rows = {
+        name: tuple(sorted(((tuple(rs), v) for v, rs in by_value.items()), key=lambda x: x[0][0]))
+        for name, by_value in sorted(facts.items())
+    }
+    return Table(plans=tuple(plan_rows), facts=fact_rows)
+
+
+def _collect(store: Any, prefix: str, rank: int, world_size: int, timeout: float) -> Table:
+    """One rank (the first to claim) reads every record and publishes the table; the rest wait."""
+    table_key = f"{prefix}/table"
+    if int(store.add(f"{prefix}/table_claim", 1)) == 1:
+        table = _build_table(_read_records(store, prefix, world_size))
+        store.set(table_key, table.to_json())
+        return table
+    if not _wait(store, table_key, timeout):
+        raise GroupCreationError(
+            f"rank {rank}: the rank collecting every rank's group plan did not publish it within "
+            f"{timeout:g} s (agreement_timeout); it may have died. Check the other ranks' logs."
+        )
+    return Table.from_json(store.get(table_key).decode("utf-8"))
+
+
+def _timeout_error(
+    rank: int, world_size: int, round_: int, timeout: float, outcome: Mapping[str, Any]
+) -> GroupCreationError:
+    missing = outcome.get("missing")
+    if missing:
+        who = f"ranks {format_ranks(missing)} of {world_size} never arrived"
+    else:
+        who = f"not all {world_size} ranks arrived (which ones could not be determined)"
+    return GroupCreationError(
+        f"rank {rank}: group creation did not start: the ranks did not agree on a plan within "
+        f"the agreement timeout of {timeout:g} s: {who} (agreement round {round_}). A missing rank "
+        "crashed, raised before creating its groups, or made a different sequence of group "
+        "requests; fix that rank (see its log), or raise agreement_timeout if it is merely slow."
+    )
+
+
+def agree(
+    store: Any,
+    *,
+    rank: int,
+    world_size: int,
+    digest: str,
+    summary: str,
+    facts: Optional[Mapping[str, str]] = None,
+    timeout: float = 60.0,
+    namespace: str = NAMESPACE,
+) -> Agreement:
+    """Agree with every other rank on ``digest`` within ``timeout`` seconds; collective.
+
+    Raises :class:`PlanMismatchError` on every rank when the digests differ (the
+    message groups the ranks by ``summary``), and :class:`GroupCreationError` on every
+    rank that arrived when some rank did not arrive in time (naming the missing ranks).
+    ``facts`` (short strings) are compared too, but a disagreement there is reported
+    in the result, not raised. Example::
+
+        agree(store, rank=0, world_size=4, digest=d, summary="ep[ep=2]", facts={"names": "3"})
+    """
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise GroupCreationError(f"rank {rank} is outside a world of {world_size} ranks")
+    if timeout <= 0:
+        raise GroupCreationError(f"agreement timeout must be positive, got {timeout!r} s")
+    try:
+        return _agree(store, rank, world_size, digest, summary, facts, timeout, namespace)
+    except RuntimeError as exc:  # the store itself failed (DistError and friends)
+        raise GroupCreationError(
+            f"rank {rank}: the default store failed while the ranks agreed on a group plan: "
+            f"{exc}. The process hosting the store (usually rank 0) may have died; see its log."
+        ) from exc
+
+
+def _agree(
+    store: Any,
+    rank: int,
+    world_size: int,
+    digest: str,
+    summary: str,
+    facts: Optional[Mapping[str, str]],
+    timeout: float,
+    namespace: str,
+) -> Agreement:
+    facts = {str(k): str(v) for k, v in (facts or {}).items()}
+    deadline = time.monotonic() + timeout
+    round_ = int(store.add(f"{namespace}/rounds/{rank}", 1))
+    prefix = f"{namespace}/{round_}"
+    done_key = f"{prefix}/done"
+    record = json.dumps({"d": digest, "s": summary[:_MAX_SUMMARY], "f": facts})
+
+    # Publish: the record first (so "record absent" means "never arrived"), then the
+    # counters, then the arrival. When arrivals reach world_size, every counter is final.
+    store.set(f"{prefix}/r/{rank}", record)
+    store.add(f"{prefix}/d/{_value_key(digest)}", 1)
+    for name, value in facts.items():
+        store.add(f"{prefix}/f/{name}/{_value_key(value)}", 1)
+    arrived = int(store.add(f"{prefix}/arrived", 1))
+
+    if arrived == world_size:
+        outcome_text = store.compare_set(done_key, "", _OK)
+    elif _wait(store, done_key, deadline - time.monotonic()):
+        outcome_text = store.get(done_key)
+    else:
+        outcome_text = _declare_timeout(store, prefix, rank, world_size, timeout)
+    outcome_text = outcome_text.decode("utf-8") if isinstance(outcome_text, bytes) else outcome_text
+
+    if outcome_text != _OK:
+        outcome = json.loads(outcome_text)
+        raise _timeout_error(rank, world_size, round_, timeout, outcome)
+
+    agreement = Agreement(
+        round=round_,
+        rank=rank,
+        world_size=world_size,
+        facts=facts,
+        unanimous={
+            name: int(store.add(f"{prefix}/f/{name}/{_value_key(value)}", 0)) == world_size
+            for name, value in facts.items()
+        },
+        _store=store,
+        _prefix=prefix,
+        _timeout=timeout,
+    )
+    if int(store.add(f"{prefix}/d/{_value_key(digest)}", 0)) != world_size:
+        table = agreement.collect()
+        raise PlanMismatchError(
+            f"ranks disagree on the process groups to create (agreement round {round_}, "
+            f"{world_size} ranks): {table.describe_plans()}. Every rank must request the same "
+            "groups (same sizes, same order of calls); fix the rank(s) that differ."
+        )
+    if agreement.all_unanimous:
+        # Nobody will collect this round: drop this rank's record to keep the store small.
+        try:
+            store.delete_key(f"{prefix}/r/{rank}")
+        except (RuntimeError, NotImplementedError):
+            pass
+    logger.debug("mpu-bridge: rank %d agreed on round %d (%s)", rank, round_, summary[:120])
+    return agreement
+
+
+def _declare_timeout(store: Any, prefix: str, rank: int, world_size: int, timeout: float) -> bytes:
+    """Try to end the round as timed out; returns whatever outcome won (it may be ``ok``)."""
+    done_key = f"{prefix}/done"
+    if int(store.add(f"{prefix}/timeout_claim", 1)) == 1:
+        missing = _missing_ranks(store, prefix, world_size)
+        text = json.dumps({"status": "timeout", "missing": missing, "by": rank})
+        return store.compare_set(done_key, "", text)
+    # Another rank is naming the missing ranks; give it a moment, then settle it ourselves.
+    if _wait(store, done_key, min(timeout, 10.0)):
+        return store.get(done_key)
+    text = json.dumps({"status": "timeout", "missing": None, "by": rank})
+    return store.compare_set(done_key, "", text)
