@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import torch.distributed as dist
+from torch.distributed import distributed_c10d as c10d
 
 from .errors import BridgeError, LayoutError, MpuError
 from .layout import DEFAULT_ORDER, Layout, plan
@@ -185,7 +186,7 @@ class Bridge:
         self.world_size: int = dist.get_world_size()
         self.rank: int = dist.get_rank()
         self._gpus_per_node = gpus_per_node
-        self.registry = GroupRegistry(
+        self._registry_options = dict(
             backend=backend,
             timeout=timeout,
             pg_options=pg_options,
@@ -193,32 +194,82 @@ class Bridge:
             agreement_timeout=agreement_timeout,
             verify_plan=verify_plan,
         )
+        self._order = order
+        self._mpu_object = mpu
+        self._default_group = c10d._get_default_group()
+        self._closed = False
+        self._setup()
+
+    def _setup(self) -> None:
+        """Read the MPU (if any), borrow its groups and start an empty registry."""
+        self.registry = GroupRegistry(**self._registry_options)
         self.reader: Optional[MpuReader] = None
         self._borrowed: Dict[str, GroupInfo] = {}
         self._derived: Dict[str, GroupInfo] = {}
         self._experts: Dict[str, ExpertGroups] = {}
         self._zero: Dict[int, GroupInfo] = {}
         self._all_to_all: Dict[int, AllToAllGroups] = {}
-        self._closed = False
-        if mpu is None:
-            self.layout = plan(self.world_size, order=order or DEFAULT_ORDER)
+        if self._mpu_object is None:
+            self.layout = plan(self.world_size, order=self._order or DEFAULT_ORDER)
             logger.info("mpu-bridge: standalone (no MPU), data parallel = world of %d", self.world_size)
-        else:
-            self.reader = MpuReader(mpu)
-            self.reader.check_against_world(self.world_size, self.rank)
-            self.layout = self._layout_from_mpu(order)
-            self._borrow_mpu_groups()
-            logger.info(
-                "mpu-bridge: attached to a %s MPU (tp=%d pp=%d dp=%d cp=%d, order %s)",
-                self.reader.flavour,
-                self.layout.config.tp,
-                self.layout.config.pp,
-                self.layout.config.dp,
-                self.layout.config.cp,
-                self.layout.config.order,
-            )
+            return
+        self.reader = MpuReader(self._mpu_object)
+        self.reader.check_against_world(self.world_size, self.rank)
+        self.layout = self._layout_from_mpu(self._order)
+        self._borrow_mpu_groups()
+        logger.info(
+            "mpu-bridge: attached to a %s MPU (tp=%d pp=%d dp=%d cp=%d, order %s)",
+            self.reader.flavour,
+            self.layout.config.tp,
+            self.layout.config.pp,
+            self.layout.config.dp,
+            self.layout.config.cp,
+            self.layout.config.order,
+        )
 
-    # -- reading the MPU -------------------------------------------------------
+    # -- staying current -------------------------------------------------------
+
+    def _check_live(self) -> None:
+        """Refuse to serve stale groups; rebuild when the MPU was re-initialised.
+
+        * the bridge was closed -> BridgeError;
+        * the default process group was destroyed or replaced
+          (``destroy_process_group``) -> BridgeError: every group is gone, attach again;
+        * the MPU's groups were destroyed (``destroy_model_parallel``) and not yet
+          re-created -> MpuError;
+        * the MPU answers with other group objects than the ones borrowed (it was
+          re-initialised, perhaps with other sizes) -> the bridge destroys what it
+          created, reads the MPU again and serves the new groups.
+        """
+        if self._closed:
+            raise BridgeError("this bridge is closed; attach again to get groups")
+        if not dist.is_initialized() or c10d._get_default_group() is not self._default_group:
+            self._closed = True
+            self.registry.close()
+            raise BridgeError(
+                "the default process group this bridge was attached in has been destroyed "
+                "(torch.distributed.destroy_process_group), and every group with it; "
+                "re-initialise torch.distributed and the MPU, then call mpu_bridge.attach again"
+            )
+        if self.reader is None or not self._borrowed:
+            return
+        dim, info = next(iter(self._borrowed.items()))
+        try:
+            current = self.reader.group(dim) if self.reader.has(dim, "group") else None
+        except MpuError:
+            current = None
+        if current is info.group and info.group in c10d._world.pg_map:
+            return
+        if current is None or current not in c10d._world.pg_map:
+            raise MpuError(
+                f"the MPU's {_DIM_NAMES[dim]} group is gone (was destroy_model_parallel called?); "
+                "re-initialise the MPU and the bridge rebuilds on the next call, or close() it"
+            )
+        logger.warning("mpu-bridge: rank %d: the MPU was re-initialised; rebuilding the bridge", self.rank)
+        self.registry.close()
+        self._setup()
+
+    # -- reading the MPU -------    # -- reading the MPU -------------------------------------------------------
 
     def _mpu(self) -> MpuReader:
         if self.reader is None:
@@ -290,7 +341,6 @@ class Bridge:
     # -- creation helper ---------------------------------------------------------
 
     def _ensure(self, names_and_partitions: Sequence[Tuple[str, Partition]]) -> List[GroupInfo]:
-        self._check_open()
         partitions = [p for _, p in names_and_partitions]
         groups = self.registry.ensure(partitions)
         infos = []
@@ -303,13 +353,10 @@ class Bridge:
             )
         return infos
 
-    def _check_open(self) -> None:
-        if self._closed:
-            raise BridgeError("this bridge is closed; attach again to get groups")
-
     def _dense(self, dim: str) -> GroupInfo:
         """The MPU's own group for ``dim``, or one derived from the layout."""
         with self._lock:
+            self._check_live()
             if dim in self._borrowed:
                 return self._borrowed[dim]
             if dim in self._derived:
@@ -357,6 +404,7 @@ class Bridge:
         when context parallelism is on; else the data-parallel group.
         """
         with self._lock:
+            self._check_live()
             if "sdp" in self._borrowed:
                 return self._borrowed["sdp"]
             if self.layout.config.cp == 1:
@@ -366,6 +414,7 @@ class Bridge:
     def world(self) -> GroupInfo:
         """A clone of the world group (DeepSpeed's ``_clone_world_group``); reused if one exists."""
         with self._lock:
+            self._check_live()
             if "world" not in self._derived:
                 layout = plan(self.world_size)  # its "dp" kind is the whole world
                 part = _layout_partition(f"world[{self.world_size}]", layout, "dp", self.rank)
@@ -390,6 +439,7 @@ class Bridge:
         """
         name = f"ep_size_{ep_size}"
         with self._lock:
+            self._check_live()
             existing = self._experts.get(name)
             if existing is not None:
                 if (existing.data_before_expert, existing.expert_tensor_parallel) != (
@@ -448,11 +498,13 @@ class Bridge:
 
     def expert_group_names(self) -> Tuple[str, ...]:
         with self._lock:
+            self._check_live()
             return tuple(self._experts)
 
     def get_expert_groups(self, name: str) -> ExpertGroups:
         """The expert groups created under ``name`` (``"ep_size_4"``)."""
         with self._lock:
+            self._check_live()
             try:
                 return self._experts[name]
             except KeyError:
@@ -464,6 +516,7 @@ class Bridge:
     def max_expert_size(self) -> int:
         """The largest expert-parallel size created so far."""
         with self._lock:
+            self._check_live()
             if not self._experts:
                 raise BridgeError("no expert groups yet; call expert_groups(ep_size) first")
             return max(g.ep_size for g in self._experts.values())
@@ -489,6 +542,7 @@ class Bridge:
         if isinstance(partition_size, bool) or not isinstance(partition_size, int) or partition_size < 1:
             raise LayoutError(f"partition_size must be a positive integer, got {partition_size!r}")
         with self._lock:
+            self._check_live()
             if partition_size in self._zero:
                 return self._zero[partition_size]
             kind = "dp-cp"
@@ -515,6 +569,7 @@ class Bridge:
         """
         gpn = self._resolve_gpus_per_node(gpus_per_node)
         with self._lock:
+            self._check_live()
             if gpn in self._all_to_all:
                 return self._all_to_all[gpn]
             world = self.world_size
