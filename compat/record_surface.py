@@ -70,12 +70,18 @@ def megatron_core_meanings() -> Dict[str, List[Dict[str, Any]]]:
     _with_cp_variant(table, "get_data_parallel", "sdp")
     table.update(_trio("get_context_parallel", "cp"))
     table["get_context_parallel_global_ranks"] = _answers(("cp", "ranks", None, None))
-    table["get_model_parallel_group"] = _answers(("mp", "group", None, None))
+    table["get_model_parallel_group"] = _answers(
+        ("mp", "group", None, None),
+        # 0.6-0.9: the model-parallel group of the expert layout (expert tensor = tensor)
+        ("etp-ep-pp", "group", {"with_expert_parallel": True}, None),
+    )
     table.update(_trio("get_expert_model_parallel", "ep"))
     table.update(_trio("get_expert_tensor_parallel", "etp"))
     table.update(_trio("get_expert_data_parallel", "edp"))
     # 0.4-0.9 name of the expert-data group; a deprecated alias of the above since 0.10.
     table.update(_trio("get_data_modulo_expert_parallel", "edp", requires={"cp": 1}))
+    # 0.7-0.9: with_context_parallel=True gives the expert-data group that includes cp.
+    _with_cp_variant(table, "get_data_modulo_expert_parallel", "edp")
     table.update(_trio("get_tensor_and_context_parallel", "tp-cp"))
     table.update(_trio("get_tensor_and_data_parallel", "tp-dp"))
     _with_cp_variant(table, "get_tensor_and_data_parallel", "tp-dp-cp")

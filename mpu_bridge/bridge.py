@@ -205,6 +205,7 @@ class Bridge:
         self.registry = GroupRegistry(**self._registry_options)
         self.reader: Optional[MpuReader] = None
         self._borrowed: Dict[str, GroupInfo] = {}
+        self._mpu_group_objects: List[Any] = []  # every group borrowed from the MPU
         self._derived: Dict[str, GroupInfo] = {}
         self._experts: Dict[str, ExpertGroups] = {}
         self._zero: Dict[int, GroupInfo] = {}
@@ -332,6 +333,7 @@ class Bridge:
                 continue
             ranks = tuple(reader.group_ranks(dim))
             group = self.registry.borrow(ranks, reader.group(dim))
+            self._mpu_group_objects.append(group)
             if dim not in _DIM_NAMES:
                 continue
             self._borrowed[dim] = GroupInfo(
@@ -347,7 +349,7 @@ class Bridge:
         for (name, part), group in zip(names_and_partitions, groups):
             if part.own is None or group is None:
                 raise BridgeError(f"rank {self.rank} is in no group of {part.key}")
-            borrowed = any(info.group is group for info in self._borrowed.values())
+            borrowed = any(g is group for g in self._mpu_group_objects)
             infos.append(
                 GroupInfo(name=name, group=group, ranks=part.own, rank=part.own.index(self.rank), borrowed=borrowed)
             )
@@ -427,20 +429,29 @@ class Bridge:
         self,
         ep_size: int,
         *,
-        data_before_expert: bool = False,
+        data_before_expert: Optional[bool] = None,
         expert_tensor_parallel: bool = True,
     ) -> ExpertGroups:
         """Expert-parallel and expert-data-parallel groups for ``ep_size`` (``"ep_size_<n>"``).
 
         With an MPU of tp > 1 and ``expert_tensor_parallel``, DeepSpeed's E+M+D
-        layout; otherwise E+D (D+E with ``data_before_expert``); pipeline-aware.
-        Groups equal to the MPU's own expert groups are reused, not created.
-        Asking again for the same size returns the same object.
+        layout; otherwise E+D, or D+E with ``data_before_expert=True``; pipeline-aware.
+        ``data_before_expert=None`` follows the MPU's order (E+D when it has none).
+        Groups equal to the MPU's own expert groups are the MPU's group objects:
+        nothing is created. Asking again for the same size returns the same object.
+
+        Example: over megatron-core initialised with tp 2, ep 2 on 4 ranks,
+        ``bridge.expert_groups(2).expert_parallel.ranks`` is ``(0, 2)`` on rank 0.
         """
         name = f"ep_size_{ep_size}"
         with self._lock:
             self._check_live()
             existing = self._experts.get(name)
+            if data_before_expert is None:
+                data_before_expert = (
+                    existing.data_before_expert if existing is not None else self._mpu_puts_data_before_expert()
+                )
+            data_before_expert = bool(data_before_expert)
             if existing is not None:
                 if (existing.data_before_expert, existing.expert_tensor_parallel) != (
                     data_before_expert,
@@ -463,6 +474,8 @@ class Bridge:
                     ),
                 ]
             )
+            ep_info = self._prefer_mpu_group("ep", ep_info)
+            edp_info = self._prefer_mpu_group("edp", edp_info)
             groups = ExpertGroups(
                 name=name,
                 ep_size=ep_size,
@@ -475,13 +488,32 @@ class Bridge:
             self._experts[name] = groups
             return groups
 
+    def _mpu_puts_data_before_expert(self) -> bool:
+        """Whether the MPU's order places ``dp`` before ``ep`` (DeepSpeed's D+E)."""
+        tokens = self.layout.config.order.split("-")
+        return "ep" in tokens and "dp" in tokens and tokens.index("dp") < tokens.index("ep")
+
+    def _prefer_mpu_group(self, dim: str, info: GroupInfo) -> GroupInfo:
+        """The MPU's own ``dim`` group when it has exactly ``info``'s ranks, else ``info``.
+
+        The registry keeps one group per rank set, the first borrowed (e.g. the data-
+        parallel group); megatron-core builds a separate expert communicator over the
+        same ranks, and expert code should run on that one. Every member decides alike:
+        the condition depends only on the rank set.
+        """
+        own = self._borrowed.get(dim)
+        if own is None or sorted(own.ranks) != sorted(info.ranks):
+            return info
+        return GroupInfo(name=info.name, group=own.group, ranks=own.ranks, rank=own.rank, borrowed=True)
+
     def _expert_plan(self, ep_size: int, data_before_expert: bool, expert_tensor_parallel: bool) -> Layout:
         """The MPU's layout with expert parallelism ``ep_size`` added.
 
         Expert-TP is the MPU's own expert-TP size when it reports one, else TP
-        (``expert_tensor_parallel=False``: 1). D+E swaps ``ep`` and ``dp`` in the
-        MPU's order: with Megatron's default order these are exactly DeepSpeed's
-        E+M+D / D+E / E+D layouts (see :func:`mpu_bridge.deepspeed_layouts.expert_layout`).
+        (``expert_tensor_parallel=False``: 1). ``ep`` comes just before ``dp`` in the
+        MPU's order (E+D), or just after it with ``data_before_expert`` (D+E): with
+        Megatron's default order these are exactly DeepSpeed's E+M+D / D+E / E+D
+        layouts (see :func:`mpu_bridge.deepspeed_layouts.expert_layout`).
         """
         c = self.layout.config
         tokens = c.order.split("-")
@@ -489,8 +521,8 @@ class Bridge:
             tokens.insert(tokens.index("dp") if "dp" in tokens else len(tokens), "ep")
         if "dp" not in tokens:
             tokens.insert(tokens.index("ep") + 1, "dp")
-        if data_before_expert:
-            i, j = tokens.index("ep"), tokens.index("dp")
+        i, j = tokens.index("ep"), tokens.index("dp")
+        if (i > j) != data_before_expert:
             tokens[i], tokens[j] = tokens[j], tokens[i]
         mpu_etp = self.reader.sizes().etp if self.reader is not None else None
         etp = (mpu_etp or c.tp) if expert_tensor_parallel else 1

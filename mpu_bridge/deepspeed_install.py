@@ -24,7 +24,7 @@ import importlib
 import logging
 from collections.abc import MutableMapping
 from importlib.metadata import PackageNotFoundError, version
-from typing import TYPE_CHECKING, Any, List
+from typing import TYPE_CHECKING, Any, List, Optional
 
 from .errors import BridgeError
 
@@ -81,7 +81,7 @@ def install_expert_groups(
     bridge: "Bridge",
     ep_size: int,
     *,
-    data_before_expert: bool = False,
+    data_before_expert: Optional[bool] = None,
     expert_tensor_parallel: bool = True,
 ) -> "ExpertGroups":
     """Create the ``ep_size`` expert groups through ``bridge`` and register them in DeepSpeed.
@@ -90,6 +90,7 @@ def install_expert_groups(
     ``_EXPERT_DATA_PARALLEL_GROUP[_RANKS]`` under ``"ep_size_<ep_size>"`` with this
     rank's groups, and, when the experts are tensor-parallel (expert-TP > 1), sets
     DeepSpeed's ``expert_tensor_parallel_world_size`` as its own E+M+D path does.
+    ``data_before_expert`` as in :meth:`Bridge.expert_groups` (``None``: the MPU's order).
     Collective: call on every rank, before ``deepspeed.initialize``. Installing the
     same groups again is a no-op.
 

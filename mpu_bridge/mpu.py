@@ -247,7 +247,13 @@ _COMBINED = _merge(
     _trio("tp-dp-cp", "get_tensor_and_data_parallel", group_kwargs=_WITH_CP),
     _trio("etp-ep", "get_expert_tensor_and_model_parallel"),
     _trio("etp-ep", "get_tensor_and_expert_parallel"),  # megatron-core < 0.10 (etp = tp)
-    {("etp-ep-pp", "group"): (Getter("get_expert_tensor_model_pipeline_parallel_group"),)},
+    {
+        ("etp-ep-pp", "group"): (
+            Getter("get_expert_tensor_model_pipeline_parallel_group"),
+            # megatron-core 0.6-0.9: the model-parallel group of the expert layout (etp = tp)
+            Getter("get_model_parallel_group", (("with_expert_parallel", True),)),
+        )
+    },
 )
 _PIPE_GRID = _merge(
     _trio("tp", "get_slice_parallel"),

@@ -639,7 +639,7 @@ class GroupRegistry:
             elif not result.is_unanimous("names"):
                 strategy = self._fallback(
                     "ranks hold different numbers of process groups (e.g. megatron-core's "
-                    "embedding groups with pp > 2), so PyTorch would name the same group "
+                    "embedding groups with pp > 1), so PyTorch would name the same group "
                     "differently on its members"
                 )
             elif not (result.is_unanimous("fresh") and facts["fresh"] == "1"):

@@ -43,7 +43,8 @@ EXPECTED_DIMS: Dict[str, set] = {
     "deepspeed-pipe-grid-0.19.8": {"tp", "pp", "dp", "sdp", "mp"},
     "deepspeed-ulysses-0.19.8": {"cp", "sdp"},
     "megatron-core-0.4.0": set(DIMENSIONS) | {"tp-dp", "tp-dp-cp", "etp-ep"},
-    "megatron-core-0.9.0": set(DIMENSIONS) | {"tp-cp", "tp-dp", "tp-dp-cp", "etp-ep"},
+    "megatron-core-0.8.0": set(DIMENSIONS) | {"tp-cp", "tp-dp", "tp-dp-cp", "etp-ep", "etp-ep-pp"},
+    "megatron-core-0.9.0": set(DIMENSIONS) | {"tp-cp", "tp-dp", "tp-dp-cp", "etp-ep", "etp-ep-pp"},
     "megatron-core-0.12": ALL,
     "megatron-core-0.16.1": ALL,
 }
@@ -71,6 +72,11 @@ LAYOUTS: Dict[str, List[Dict[str, Any]]] = {
         dict(world=8, tp=2, pp=2),
         dict(world=8, tp=2, cp=2),
         dict(world=8, tp=2, ep=2),
+        dict(world=16, tp=2, pp=2, ep=2),
+    ],
+    "megatron-core-0.8.0": [
+        dict(world=8, tp=2, pp=2),
+        dict(world=8, tp=2, cp=2),
         dict(world=16, tp=2, pp=2, ep=2),
     ],
     "megatron-core-0.9.0": [
