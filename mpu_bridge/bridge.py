@@ -41,6 +41,8 @@ logger = logging.getLogger(__name__)
 # Bridge dimension -> the Layout kind holding the same rank sets (the MPU's own
 # combined groups, e.g. "tp-dp", are borrowed too, so derived groups can reuse them).
 _DIM_TO_KIND = dict(DIMENSION_KINDS)
+#: MPU getters of a group that may span the whole world without answering a dimension.
+_WORLD_SIZED_GETTERS = ("get_intra_distributed_optimizer_instance_group",)
 _EXPERT_DIMS = frozenset(("ep", "edp", "etp", "etp-ep", "etp-ep-pp"))
 
 # Orders tried, in this sequence, when the MPU does not say which it used.
@@ -153,7 +155,7 @@ def _block_partition(key: str, layout: Layout, kind: str, block: int, rank: int)
         num_groups=layout.num_groups(kind) * (size // block),
         own=tuple(mine[pos : pos + block]),
         groups=groups,
-    )
+    ).as_trusted()  # blocks of layout groups, checked above to be translates
 
 
 class Bridge:
@@ -215,9 +217,10 @@ class Bridge:
             logger.info("mpu-bridge: standalone (no MPU), data parallel = world of %d", self.world_size)
             return
         self.reader = MpuReader(self._mpu_object)
-        self.reader.check_against_world(self.world_size, self.rank)
-        self.layout = self._layout_from_mpu(self._order)
-        self._borrow_mpu_groups()
+        with self.reader.snapshot():  # the MPU does not change while it is read here
+            self.reader.check_against_world(self.world_size, self.rank)
+            self.layout = self._layout_from_mpu(self._order)
+            self._borrow_mpu_groups()
         logger.info(
             "mpu-bridge: attached to a %s MPU (tp=%d pp=%d dp=%d cp=%d, order %s)",
             self.reader.flavour,
@@ -328,6 +331,7 @@ class Bridge:
 
     def _borrow_mpu_groups(self) -> None:
         reader = self._mpu()
+        self._borrow_world_sized_mpu_group(reader)
         for dim in _DIM_TO_KIND:
             if not self._mpu_answers(dim):
                 continue
@@ -339,6 +343,25 @@ class Bridge:
             self._borrowed[dim] = GroupInfo(
                 name=_DIM_NAMES[dim], group=group, ranks=ranks, rank=ranks.index(self.rank), borrowed=True
             )
+
+    def _borrow_world_sized_mpu_group(self, reader: MpuReader) -> None:
+        """Register an MPU group over the whole world (for :meth:`world`), if it has one.
+
+        megatron-core >= 0.11 holds ``_INTRA_DISTRIBUTED_OPTIMIZER_INSTANCE_GROUP``, the
+        whole world when there is one optimizer instance (the default). It answers no
+        dimension, so it is read here, and only kept when its ranks are the world.
+        """
+        for name in _WORLD_SIZED_GETTERS:
+            getter = getattr(reader.mpu, name, None)
+            if not callable(getter):
+                continue
+            try:
+                group = getter()
+                ranks = tuple(dist.get_process_group_ranks(group))
+            except Exception:  # not initialised, None, or not a group: nothing to borrow
+                continue
+            if len(ranks) == self.world_size and sorted(ranks) == list(range(self.world_size)):
+                self._mpu_group_objects.append(self.registry.borrow(ranks, group))
 
     # -- creation helper ---------------------------------------------------------
 

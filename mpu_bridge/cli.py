@@ -161,6 +161,21 @@ def _run_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- selfcheck -------------------------------------------------------------------
+
+
+def _add_selfcheck_arguments(parser: argparse.ArgumentParser) -> None:
+    from .selfcheck import add_arguments  # torch-free; torch is imported only when it runs
+
+    add_arguments(parser)
+
+
+def _run_selfcheck(args: argparse.Namespace) -> int:
+    from .selfcheck import run
+
+    return run(args)
+
+
 # -- the registry and the entry point -------------------------------------------
 
 
@@ -172,6 +187,13 @@ def subcommands() -> Tuple[Subcommand, ...]:
             "dry-run the process-group layout for given sizes (text table, JSON or SVG)",
             _add_plan_arguments,
             _run_plan,
+        ),
+        Subcommand(
+            "selfcheck",
+            "create every group on this machine's ranks (spawned, or under torchrun) and prove "
+            "each one's membership with an all-reduce and a broadcast",
+            _add_selfcheck_arguments,
+            _run_selfcheck,
         ),
     )
 

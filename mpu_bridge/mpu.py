@@ -48,11 +48,12 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 from .errors import MpuError
 
@@ -442,7 +443,8 @@ class MpuReader:
     """Answers world size, rank, group and group ranks for each dimension of an MPU.
 
     ``mpu`` is a module or an object. ``flavour`` overrides detection (one of
-    :data:`FLAVOURS`). Nothing is cached: every answer comes from the MPU when asked.
+    :data:`FLAVOURS`). Nothing is cached: every answer comes from the MPU when asked,
+    except inside :meth:`snapshot`.
 
     Example::
 
@@ -461,7 +463,25 @@ class MpuReader:
         self.is_ulysses: bool = _has(mpu, "initialize_sequence_parallel")
         self._table = NAME_TABLES[self.flavour]
         self._aliases = ALIASES[self.flavour]
+        self._memo: Optional[Dict[Tuple[str, Tuple[Tuple[str, Any], ...]], Tuple[bool, Any, str]]] = None
         logger.debug("reading MPU %r as flavour %s", mpu, self.flavour)
+
+    @contextlib.contextmanager
+    def snapshot(self) -> Iterator["MpuReader"]:
+        """Within the block, each MPU getter is called once and its answer reused.
+
+        For reading many answers from an MPU that does not change meanwhile (the
+        bridge's attach). Nests; answers are forgotten when the outermost block ends.
+        Example: ``with reader.snapshot(): sizes = reader.sizes()``.
+        """
+        outer = self._memo
+        if outer is None:
+            self._memo = {}
+        try:
+            yield self
+        finally:
+            if outer is None:
+                self._memo = None
 
     def __repr__(self) -> str:
         return f"MpuReader(flavour={self.flavour!r}, mpu={self.mpu!r})"
@@ -633,6 +653,19 @@ class MpuReader:
 
     def _call(self, getter: Getter) -> Tuple[bool, Any, str]:
         """Returns (called, value, note)."""
+        memo = self._memo
+        if memo is None:
+            return self._call_now(getter)
+        try:
+            key = (getter.name, getter.kwargs)
+            hash(key)
+        except TypeError:
+            return self._call_now(getter)
+        if key not in memo:
+            memo[key] = self._call_now(getter)
+        return memo[key]
+
+    def _call_now(self, getter: Getter) -> Tuple[bool, Any, str]:
         try:
             func = getattr(self.mpu, getter.name)
         except AttributeError:

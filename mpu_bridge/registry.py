@@ -57,7 +57,9 @@ import json
 import logging
 import operator
 import threading
-from dataclasses import dataclass
+import array
+import functools
+from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch.distributed as dist
@@ -117,6 +119,10 @@ class Partition:
     num_groups: int
     own: Optional[Tuple[int, ...]]
     groups: Callable[[], Iterable[Sequence[int]]]
+    #: Set only by the layout engine's constructors (ascending ints, translates of one
+    #: pattern, by construction): the O(group size) per-group checks are skipped.
+    #: Not an init argument, so ``dataclasses.replace`` yields an untrusted copy.
+    trusted: bool = field(default=False, compare=False, init=False)
 
     @classmethod
     def from_layout(cls, layout: Layout, kind: str, rank: int, key: Optional[str] = None) -> "Partition":
@@ -127,14 +133,25 @@ class Partition:
             num_groups=layout.num_groups(kind),
             own=tuple(layout.group_of(kind, rank)),
             groups=lambda: layout.iter_groups(kind),
-        )
+        ).as_trusted()
+
+    def as_trusted(self) -> "Partition":
+        """Mark this partition as built from the layout engine (internal; returns self)."""
+        object.__setattr__(self, "trusted", True)
+        return self
 
     def first_group(self) -> Tuple[int, ...]:
-        """The first group in enumeration order, ascending (O(group size))."""
+        """The first group in enumeration order, ascending (O(group size), computed once)."""
+        return self._first
+
+    @functools.cached_property
+    def _first(self) -> Tuple[int, ...]:
         try:
             first = next(iter(self.groups()))
         except StopIteration:
             raise LayoutError(f"partition {self.key!r} enumerates no groups") from None
+        if self.trusted:
+            return tuple(first)
         return tuple(sorted(_as_int(f"a rank of partition {self.key!r}", r) for r in first))
 
     def covers(self, world_size: int) -> bool:
@@ -143,7 +160,9 @@ class Partition:
 
     def fingerprint(self) -> str:
         """What must be identical on every rank: key, sizes and the first group. O(group size)."""
-        return f"{self.key}|{self.group_size}x{self.num_groups}|{list(self.first_group())}"
+        first = self.first_group()
+        digest = hashlib.blake2b(array.array("q", first).tobytes(), digest_size=16).hexdigest()
+        return f"{self.key}|{self.group_size}x{self.num_groups}|{_abbrev(first)}|{digest}"
 
     def summary(self) -> str:
         """A short human description, e.g. ``ep[ep=2] (2 groups of 2, first [0, 2])``."""
@@ -170,6 +189,13 @@ class Partition:
         if not callable(self.groups):
             raise LayoutError(f"partition {self.key!r}: groups must be a callable returning the groups")
         first = self.first_group()
+        if self.trusted:
+            if self.own is not None and rank not in self.own:
+                raise LayoutError(
+                    f"partition {self.key!r}: rank {rank}'s own group {_abbrev(self.own)} does not "
+                    f"contain rank {rank}"
+                )
+            return
         _check_ranks(self.key, first, size, world_size)
         if self.own is None:
             if self.covers(world_size):
@@ -735,22 +761,27 @@ class GroupRegistry:
         if p.own is None:
             return None
         held = len(c10d._world.pg_names)
-        predicted = _hashed_group_name(p.own, held)
         kwargs = self._new_group_kwargs()
         if _supports(dist.new_group, "group_desc"):
             kwargs["group_desc"] = p.key
         group = dist.new_group(list(p.own), use_local_synchronization=True, **kwargs)
         name = c10d._world.pg_names.get(group)
-        if name is not None and name != predicted and "name-scheme" not in self._warned:
-            self._warned.add("name-scheme")
-            logger.warning(
-                "mpu-bridge: PyTorch named a member-only group %s, not %s as expected; the check "
-                "against reused group names is unreliable with this PyTorch version",
-                name,
-                predicted,
-            )
+        if name is None or "name-scheme-checked" not in self._warned:
+            # The prediction costs O(group size), as PyTorch's own naming does: check the
+            # scheme once per registry, not for every group.
+            self._warned.add("name-scheme-checked")
+            predicted = _hashed_group_name(p.own, held)
+            if name is not None and name != predicted and "name-scheme" not in self._warned:
+                self._warned.add("name-scheme")
+                logger.warning(
+                    "mpu-bridge: PyTorch named a member-only group %s, not %s as expected; the check "
+                    "against reused group names is unreliable with this PyTorch version",
+                    name,
+                    predicted,
+                )
+            name = name or predicted
         if self._store is not None and self.rank == p.own[0]:
-            self._store.set(f"{_USED_NAME_PREFIX}/{name or predicted}", p.key)
+            self._store.set(f"{_USED_NAME_PREFIX}/{name}", p.key)
         return group
 
     def _create_all_ranks(self, p: Partition) -> Optional[Any]:
@@ -761,8 +792,11 @@ class GroupRegistry:
         mine = None
         count = 0
         for members in p.groups():
-            ranks = sorted(int(r) for r in members)
-            _check_ranks(p.key, ranks, p.group_size, self.world_size)
+            if p.trusted:
+                ranks = list(members)
+            else:
+                ranks = sorted(int(r) for r in members)
+                _check_ranks(p.key, ranks, p.group_size, self.world_size)
             group = dist.new_group(ranks, **kwargs)
             count += 1
             if own is not None and tuple(ranks) == own:
