@@ -30,7 +30,7 @@ import torch.distributed as dist
 from torch.distributed import distributed_c10d as c10d
 
 from .errors import BridgeError, LayoutError, MpuError
-from .layout import DEFAULT_ORDER, Layout, plan
+from .layout import DEFAULT_ORDER, Layout, expert_order, plan
 from .mpu import DIMENSION_KINDS, MpuReader
 from .registry import GroupRegistry, Partition
 
@@ -513,8 +513,8 @@ class Bridge:
 
     def _mpu_puts_data_before_expert(self) -> bool:
         """Whether the MPU's order places ``dp`` before ``ep`` (DeepSpeed's D+E)."""
-        tokens = self.layout.config.order.split("-")
-        return "ep" in tokens and "dp" in tokens and tokens.index("dp") < tokens.index("ep")
+        tokens = expert_order(self.layout.config.order).split("-")
+        return tokens.index("dp") < tokens.index("ep")
 
     def _prefer_mpu_group(self, dim: str, info: GroupInfo) -> GroupInfo:
         """The MPU's own ``dim`` group when it has exactly ``info``'s ranks, else ``info``.
@@ -539,17 +539,10 @@ class Bridge:
         layouts (see :func:`mpu_bridge.deepspeed_layouts.expert_layout`).
         """
         c = self.layout.config
-        tokens = c.order.split("-")
-        if "ep" not in tokens:  # Megatron's default place for ep: just before dp
-            tokens.insert(tokens.index("dp") if "dp" in tokens else len(tokens), "ep")
-        if "dp" not in tokens:
-            tokens.insert(tokens.index("ep") + 1, "dp")
-        i, j = tokens.index("ep"), tokens.index("dp")
-        if (i > j) != data_before_expert:
-            tokens[i], tokens[j] = tokens[j], tokens[i]
+        order = expert_order(c.order, data_before_expert)
         mpu_etp = self.reader.sizes().etp if self.reader is not None else None
         etp = (mpu_etp or c.tp) if expert_tensor_parallel else 1
-        return plan(self.world_size, tp=c.tp, pp=c.pp, cp=c.cp, ep=ep_size, etp=etp, order="-".join(tokens))
+        return plan(self.world_size, tp=c.tp, pp=c.pp, cp=c.cp, ep=ep_size, etp=etp, order=order)
 
     def expert_group_names(self) -> Tuple[str, ...]:
         with self._lock:

@@ -44,6 +44,7 @@ __all__ = [
     "ParallelConfig",
     "Layout",
     "plan",
+    "expert_order",
 ]
 
 #: The dimension tokens an order string may name.
@@ -594,3 +595,24 @@ def plan(
         gpus_per_node=gpus_per_node,
     )
     return Layout(config)
+
+
+def expert_order(order: str, data_before_expert: Optional[bool] = None) -> str:
+    """``order`` with both ``ep`` and ``dp`` in it, for planning expert groups.
+
+    A missing ``ep`` goes just before ``dp`` (Megatron's default place: E+D); a missing
+    ``dp`` just after ``ep``. ``data_before_expert`` then puts ``dp`` before ``ep``
+    (DeepSpeed's D+E) when True, after it when False; None keeps the order's own.
+
+    Example: ``expert_order("tp-cp-dp-pp") == "tp-cp-ep-dp-pp"`` and
+    ``expert_order("tp-cp-ep-dp-pp", data_before_expert=True) == "tp-cp-dp-ep-pp"``.
+    """
+    tokens = order.strip().lower().split("-")
+    if "ep" not in tokens:
+        tokens.insert(tokens.index("dp") if "dp" in tokens else len(tokens), "ep")
+    if "dp" not in tokens:
+        tokens.insert(tokens.index("ep") + 1, "dp")
+    i, j = tokens.index("ep"), tokens.index("dp")
+    if data_before_expert is not None and (i > j) != data_before_expert:
+        tokens[i], tokens[j] = tokens[j], tokens[i]
+    return "-".join(tokens)

@@ -54,7 +54,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from .errors import BridgeError, LayoutError
-from .layout import DEFAULT_ORDER, Layout, plan
+from .layout import DEFAULT_ORDER, Layout, expert_order, plan
 from .render import abbreviate_ranks, render_text
 
 __all__ = [
@@ -169,11 +169,6 @@ class SelfCheckConfig:
         Like :meth:`Bridge.expert_groups`: the same order, with ``ep`` put just before
         ``dp`` (Megatron's default place) when the order string leaves it out.
         """
-        tokens = self.order.strip().lower().split("-")
-        if "ep" not in tokens:
-            tokens.insert(tokens.index("dp") if "dp" in tokens else len(tokens), "ep")
-        if "dp" not in tokens:
-            tokens.insert(tokens.index("ep") + 1, "dp")
         return plan(
             world_size,
             tp=self.tp,
@@ -181,7 +176,7 @@ class SelfCheckConfig:
             cp=self.cp,
             ep=ep_size,
             etp=self.etp,
-            order="-".join(tokens),
+            order=expert_order(self.order),
         )
 
 
@@ -852,7 +847,7 @@ def _run_launched(config: SelfCheckConfig) -> int:
         validate(config, world_size)
     except BridgeError as error:
         if rank == 0:
-            print(f"mpu-bridge: error: {error}", file=sys.stderr)
+            sys.stderr.write(f"mpu-bridge: error: {error}\n")
         return 2
     _setup_rank_process(config.verbose)
     faulthandler.dump_traceback_later(config.timeout, exit=True)  # never hang past --timeout
@@ -866,7 +861,7 @@ def _run_launched(config: SelfCheckConfig) -> int:
     status = 0 if result.passed else 1
     try:
         if store is None:
-            print(f"mpu-bridge selfcheck: rank {rank}: {result.error}", file=sys.stderr)
+            sys.stderr.write(f"mpu-bridge selfcheck: rank {rank}: {result.error}\n")
             return 1
         store.set(f"{_RESULT_KEY}/{rank}", pickle.dumps(result))
         if rank != 0:

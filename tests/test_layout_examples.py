@@ -18,6 +18,7 @@ from typing import Any, Dict, List, NamedTuple
 import pytest
 
 from mpu_bridge import KINDS, LayoutError, ParallelConfig, RankGrid, plan
+from mpu_bridge.layout import expert_order
 
 ALL_KINDS = (
     "tp", "cp", "dp", "pp", "dp-cp", "tp-cp", "tp-dp", "tp-dp-cp", "mp",
@@ -502,3 +503,24 @@ def test_plan_rejects_sizes_that_cannot_form_a_layout():
     # one smoke check here; tests/test_layout_errors.py holds the full battery
     with pytest.raises(LayoutError):
         plan(12, tp=2, pp=4)
+
+
+# -- expert_order: where ep and dp go when expert groups are planned --------------------
+
+
+def test_expert_order_puts_a_missing_ep_just_before_dp():
+    assert expert_order("tp-cp-dp-pp") == "tp-cp-ep-dp-pp"
+
+
+def test_expert_order_puts_a_missing_dp_just_after_ep():
+    assert expert_order("tp-ep-pp") == "tp-ep-dp-pp"
+
+
+def test_expert_order_with_data_before_expert_swaps_ep_and_dp():
+    assert expert_order("tp-cp-ep-dp-pp", data_before_expert=True) == "tp-cp-dp-ep-pp"
+
+
+def test_expert_order_keeps_an_order_that_already_has_data_before_expert():
+    assert expert_order("tp-cp-dp-ep-pp", data_before_expert=True) == "tp-cp-dp-ep-pp"
+    assert expert_order("tp-cp-dp-ep-pp") == "tp-cp-dp-ep-pp"
+    assert expert_order("tp-cp-dp-ep-pp", data_before_expert=False) == "tp-cp-ep-dp-pp"
