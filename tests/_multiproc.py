@@ -1,10 +1,13 @@
 """Run a function on several local ranks, each in its own process, and collect the results.
 
-``run_ranks(fn, world_size, *args)`` spawns ``world_size`` fresh Python processes
-(start method ``spawn``, so module-global state such as megatron-core's
-``parallel_state`` starts empty in each), initialises ``torch.distributed`` in each
-with the given backend, calls ``fn(rank, world_size, *args)`` and returns the
-per-rank results as a list indexed by rank.
+``run_ranks(fn, world_size, *args)`` starts ``world_size`` fresh Python processes,
+initialises ``torch.distributed`` in each with the given backend, calls
+``fn(rank, world_size, *args)`` and returns the per-rank results as a list indexed
+by rank. Module-global state such as megatron-core's ``parallel_state`` starts empty
+in each: the processes come from a ``forkserver`` that imported torch and
+megatron-core once (and never initialised them), so a rank does not pay those
+imports again (``MPU_BRIDGE_TEST_START_METHOD=spawn`` starts every rank from
+scratch instead). Each rank gets the caller's environment as it is at the call.
 
 Guarantees:
 
@@ -56,6 +59,17 @@ _LOCALHOST = "127.0.0.1"
 # After one rank fails, the others get this long to report before they are killed
 # (they are often blocked in a collective the failed rank will never join).
 _GRACE_AFTER_FAILURE_S = 5.0
+# Imported once by the fork server, inherited (uninitialised) by every rank.
+_PRELOAD = ("torch", "torch.distributed", "megatron.core.parallel_state")
+
+
+def _context() -> Any:
+    method = os.environ.get("MPU_BRIDGE_TEST_START_METHOD", "forkserver")
+    if method == "forkserver" and "forkserver" in multiprocessing.get_all_start_methods():
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(list(_PRELOAD))  # takes effect when the server starts
+        return ctx
+    return multiprocessing.get_context("spawn")
 
 
 class RemoteTraceback(Exception):
@@ -93,12 +107,15 @@ def _rank_main(
     env: Mapping[str, str],
     timeout: float,
     results: "multiprocessing.Queue[Any]",
+    caller_env: Mapping[str, str],
 ) -> None:
     """Entry point of one rank process: initialise, call ``fn``, report, tear down."""
     try:
         os.setpgid(0, 0)  # own process group, so the parent can stop helpers it spawns too
     except (AttributeError, OSError):
         pass
+    os.environ.clear()  # the fork server's environment is the one it started with
+    os.environ.update(caller_env)
     os.environ.update(
         {
             "MASTER_ADDR": _LOCALHOST,
@@ -211,7 +228,7 @@ def run_ranks(
         raise ValueError(f"world_size must be a positive int, got {world_size!r}")
     if timeout <= 0:
         raise ValueError(f"timeout must be positive, got {timeout!r}")
-    ctx = multiprocessing.get_context("spawn")
+    ctx = _context()
     results = ctx.Queue()
     store = None
     if backend is not None:
@@ -233,7 +250,7 @@ def run_ranks(
     processes = [
         ctx.Process(
             target=_rank_main,
-            args=(fn, rank, world_size, args, port, backend, env_vars, timeout, results),
+            args=(fn, rank, world_size, args, port, backend, env_vars, timeout, results, dict(os.environ)),
             name=f"rank-{rank}",
             daemon=True,
         )

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import datetime
 import importlib.util
-import multiprocessing
 import os
 import queue as queue_module
 import time
@@ -287,7 +286,7 @@ def _run_ranks_with_exits(
     """
     import torch.distributed as dist
 
-    ctx = multiprocessing.get_context("spawn")
+    ctx = _multiproc._context()
     results = ctx.Queue()
     store = dist.TCPStore(
         "127.0.0.1",
@@ -300,7 +299,7 @@ def _run_ranks_with_exits(
     processes = [
         ctx.Process(
             target=_multiproc._rank_main,
-            args=(fn, rank, world_size, (), int(store.port), "gloo", {}, timeout, results),
+            args=(fn, rank, world_size, (), int(store.port), "gloo", {}, timeout, results, dict(os.environ)),
             name=f"rank-{rank}",
             daemon=True,
         )
@@ -316,7 +315,16 @@ def _run_ranks_with_exits(
             try:
                 status, rank, value = results.get(timeout=0.2)
             except queue_module.Empty:
-                continue
+                dead = [r for r in sorted(reporting - set(reports)) if not processes[r].is_alive()]
+                if dead:  # a rank that should report died: its report may still be in flight
+                    try:
+                        status, rank, value = results.get(timeout=1.0)
+                    except queue_module.Empty:
+                        raise _multiproc.RankFailure(
+                            f"rank {dead[0]} exited with code {processes[dead[0]].exitcode} without reporting"
+                        ) from None
+                else:
+                    continue
             reports[rank] = (status, value)
         for rank in exiting:
             processes[rank].join(max(0.1, deadline - time.monotonic()))
