@@ -747,15 +747,29 @@ def _stop(processes: Sequence[Any]) -> None:
             proc.join(2.0)
 
 
-def _run_spawned(config: SelfCheckConfig, world_size: int) -> Tuple[Dict[int, RankResult], Dict[int, str]]:
-    """Spawn ``world_size`` ranks; return results by rank, and the missing ranks with why."""
+def _rank_context(config: SelfCheckConfig) -> Any:
+    """Where local ranks come from: a fork server that imported torch (and megatron-core)
+    once, never initialised, so N ranks do not import them N times; ``spawn`` where
+    there is no fork server."""
     import multiprocessing
 
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    ctx = multiprocessing.get_context("forkserver")
+    preload = ["torch", "torch.distributed"]
+    if config.with_megatron:
+        preload.append("megatron.core.parallel_state")
+    ctx.set_forkserver_preload(preload)
+    return ctx
+
+
+def _run_spawned(config: SelfCheckConfig, world_size: int) -> Tuple[Dict[int, RankResult], Dict[int, str]]:
+    """Start ``world_size`` local ranks; return results by rank, and the missing ranks with why."""
     import torch.distributed as dist
 
     start = time.monotonic()
     deadline = start + config.timeout
-    ctx = multiprocessing.get_context("spawn")
+    ctx = _rank_context(config)
     results = ctx.Queue()
     store = dist.TCPStore(  # the rendezvous, on a port the kernel picks: no race for a free one
         _LOCALHOST,
