@@ -20,9 +20,10 @@ Two ways to launch (the same checks either way):
 
 * under ``torchrun --nproc-per-node N -m mpu_bridge.selfcheck ...`` (``RANK``,
   ``WORLD_SIZE`` and ``MASTER_ADDR`` set): every process is one rank; rank 0 prints;
-* with no launcher: the command spawns ``--nproc`` local processes itself (start
-  method ``spawn``, a kernel-chosen free port, a hard ``--timeout``; ranks still
-  running when it passes, or some seconds after another rank died, are killed).
+* with no launcher: the command starts ``--nproc`` local processes itself (from a
+  fork server that imported torch and megatron-core once, or ``spawn``; a
+  kernel-chosen free port; a hard ``--timeout``: ranks still running when it
+  passes, or some seconds after another rank died, are killed).
 
 Backend: NCCL bound to ``cuda:<local rank>`` when CUDA has a GPU for every local
 rank (group creation then uses ``split_group``), gloo otherwise; ``--backend``
