@@ -40,7 +40,9 @@ _EP_TABLE = "_EXPERT_PARALLEL_GROUP"
 _EP_RANKS_TABLE = "_EXPERT_PARALLEL_GROUP_RANKS"
 _EDP_TABLE = "_EXPERT_DATA_PARALLEL_GROUP"
 _EDP_RANKS_TABLE = "_EXPERT_DATA_PARALLEL_GROUP_RANKS"
-_TABLES = (_EP_TABLE, _EP_RANKS_TABLE, _EDP_TABLE, _EDP_RANKS_TABLE)
+_TABLES = (_EP_TABLE, _EDP_TABLE)  # every DeepSpeed with MoE (0.6 to 0.19)
+# Rank tables beside them, where the DeepSpeed version has them (0.17 and later).
+_RANKS_TABLES = {_EP_TABLE: _EP_RANKS_TABLE, _EDP_TABLE: _EDP_RANKS_TABLE}
 # DeepSpeed's record of the expert tensor-parallel size (set by its E+M+D path).
 _ETP_SIZE = "expert_tensor_parallel_world_size"
 
@@ -53,7 +55,7 @@ def _deepspeed_version() -> str:
 
 
 def deepspeed_groups_module() -> Any:
-    """``deepspeed.utils.groups``, checked to hold the four expert-group tables.
+    """``deepspeed.utils.groups``, checked to hold the expert-group tables.
 
     Raises :class:`~mpu_bridge.errors.BridgeError` when DeepSpeed cannot be
     imported, or when this DeepSpeed version keeps its tables elsewhere (the
@@ -77,6 +79,12 @@ def deepspeed_groups_module() -> Any:
     return module
 
 
+def _ranks_table(module: Any, table: str) -> Optional[MutableMapping]:
+    """The rank table beside ``table``, or None where this DeepSpeed keeps none."""
+    ranks = getattr(module, _RANKS_TABLES[table], None)
+    return ranks if isinstance(ranks, MutableMapping) else None
+
+
 def install_expert_groups(
     bridge: "Bridge",
     ep_size: int,
@@ -88,7 +96,7 @@ def install_expert_groups(
 
     Fills ``deepspeed.utils.groups``' ``_EXPERT_PARALLEL_GROUP[_RANKS]`` and
     ``_EXPERT_DATA_PARALLEL_GROUP[_RANKS]`` under ``"ep_size_<ep_size>"`` with this
-    rank's groups, and, when the experts are tensor-parallel (expert-TP > 1), sets
+    rank's groups (the ``_RANKS`` tables where the DeepSpeed version has them), and, when the experts are tensor-parallel (expert-TP > 1), sets
     DeepSpeed's ``expert_tensor_parallel_world_size`` as its own E+M+D path does.
     ``data_before_expert`` as in :meth:`Bridge.expert_groups` (``None``: the MPU's order).
     Collective: call on every rank, before ``deepspeed.initialize``. Installing the
@@ -106,22 +114,23 @@ def install_expert_groups(
         ep_size, data_before_expert=data_before_expert, expert_tensor_parallel=expert_tensor_parallel
     )
     ep_info, edp_info = experts.expert_parallel, experts.expert_data_parallel
-    tables = {table: getattr(module, table) for table in _TABLES}
-    present = {table: tables[table].get(name) for table in (_EP_TABLE, _EDP_TABLE)}
+    present = {table: getattr(module, table).get(name) for table in _TABLES}
     if any(group is not None for group in present.values()):
         if present[_EP_TABLE] is ep_info.group and present[_EDP_TABLE] is edp_info.group:
             return experts
-        held = list(tables[_EP_RANKS_TABLE].get(name, ()))
+        theirs = present[_EP_TABLE]
+        held = _group_ranks(theirs) if theirs is not None else []
         raise BridgeError(
             f"DeepSpeed already holds expert groups named {name!r} that mpu-bridge did not create "
             f"(expert-parallel ranks {held} on rank {bridge.rank}, the bridge's are "
             f"{list(ep_info.ranks)}); call install_expert_groups before deepspeed.initialize "
             "and before any MoE layer creates its groups"
         )
-    tables[_EP_TABLE][name] = ep_info.group
-    tables[_EP_RANKS_TABLE][name] = list(ep_info.ranks)
-    tables[_EDP_TABLE][name] = edp_info.group
-    tables[_EDP_RANKS_TABLE][name] = list(edp_info.ranks)
+    for table, info in ((_EP_TABLE, ep_info), (_EDP_TABLE, edp_info)):
+        getattr(module, table)[name] = info.group
+        ranks = _ranks_table(module, table)
+        if ranks is not None:
+            ranks[name] = list(info.ranks)
     etp = experts.layout.config.etp or 1
     if etp > 1 and hasattr(module, _ETP_SIZE):
         setattr(module, _ETP_SIZE, etp)
@@ -148,16 +157,25 @@ def uninstall_expert_groups(bridge: "Bridge") -> List[str]:
     removed = []
     for name in bridge.expert_group_names():
         experts = bridge.get_expert_groups(name)
-        pairs = (
-            (_EP_TABLE, _EP_RANKS_TABLE, experts.expert_parallel.group),
-            (_EDP_TABLE, _EDP_RANKS_TABLE, experts.expert_data_parallel.group),
-        )
+        pairs = ((_EP_TABLE, experts.expert_parallel.group), (_EDP_TABLE, experts.expert_data_parallel.group))
         hit = False
-        for table, ranks_table, group in pairs:
+        for table, group in pairs:
             if getattr(module, table).get(name) is group:
                 del getattr(module, table)[name]
-                getattr(module, ranks_table).pop(name, None)
+                ranks = _ranks_table(module, table)
+                if ranks is not None:
+                    ranks.pop(name, None)
                 hit = True
         if hit:
             removed.append(name)
     return removed
+
+
+def _group_ranks(group: Any) -> List[int]:
+    """The global ranks of ``group`` (for messages), or [] if torch does not know it."""
+    try:
+        import torch.distributed as dist
+
+        return list(dist.get_process_group_ranks(group))
+    except Exception:  # a destroyed or foreign group: the message says less, nothing fails
+        return []

@@ -229,10 +229,13 @@ def _expert_groups_against_deepspeeds(bridge: Any, legacy: Any) -> Dict[str, Any
     name = "ep_size_2"
 
     def deepspeeds_tables() -> Dict[str, Any]:
+        # The group objects: every DeepSpeed keeps them (the _RANKS tables only since 0.17).
+        import torch.distributed as dist
+
         return {
-            "ep": list(ds_groups._EXPERT_PARALLEL_GROUP_RANKS[name]),
-            "edp": list(ds_groups._EXPERT_DATA_PARALLEL_GROUP_RANKS[name]),
-            "etp": ds_groups.expert_tensor_parallel_world_size,
+            "ep": dist.get_process_group_ranks(ds_groups._EXPERT_PARALLEL_GROUP[name]),
+            "edp": dist.get_process_group_ranks(ds_groups._EXPERT_DATA_PARALLEL_GROUP[name]),
+            "etp": getattr(ds_groups, "expert_tensor_parallel_world_size", 1),
         }
 
     ds_groups.mpu = legacy  # as deepspeed.initialize(mpu=legacy) leaves it
@@ -249,7 +252,7 @@ def _expert_groups_against_deepspeeds(bridge: Any, legacy: Any) -> Dict[str, Any
         "_EXPERT_DATA_PARALLEL_GROUP",
         "_EXPERT_DATA_PARALLEL_GROUP_RANKS",
     ):
-        getattr(ds_groups, table).pop(name)
+        getattr(ds_groups, table, {}).pop(name, None)
     ds_groups.expert_tensor_parallel_world_size = 1
     experts = install_expert_groups(bridge, 2)
     installed = deepspeeds_tables()
@@ -329,8 +332,9 @@ def _moe_part(deepspeed: Any, rank: int, world_size: int) -> Dict[str, Any]:
         "deepspeed_ep_group_is_bridge": ds_groups._get_expert_parallel_group(name) is experts.expert_parallel.group,
         "deepspeed_edp_group_is_bridge": ds_groups._get_expert_data_parallel_group(name)
         is experts.expert_data_parallel.group,
-        "deepspeed_ep_ranks": list(ds_groups._get_expert_parallel_group_ranks(name)),
-        "deepspeed_edp_ranks": list(ds_groups._get_expert_data_parallel_group_ranks(name)),
+        # what DeepSpeed's own getters report (the *_ranks getters exist since 0.17)
+        "deepspeed_ep_ranks": dist.get_process_group_ranks(ds_groups._get_expert_parallel_group(name)),
+        "deepspeed_edp_ranks": dist.get_process_group_ranks(ds_groups._get_expert_data_parallel_group(name)),
         "engine_edp_group_is_bridge": engine.expert_data_parallel_group[name] is experts.expert_data_parallel.group,
         "all_to_all_groups": all_to_all_groups,
         "initial_expert": initial_expert,
@@ -555,13 +559,42 @@ def test_install_with_tables_elsewhere_names_the_version_and_tables(monkeypatch)
     from importlib.metadata import version
 
     relocated = types.ModuleType("deepspeed.utils.groups")
-    relocated._EXPERT_PARALLEL_GROUP = {}  # the other three tables are missing
+    relocated._EXPERT_PARALLEL_GROUP = {}  # the expert-data table is missing
     monkeypatch.setitem(sys.modules, "deepspeed.utils.groups", relocated)
     with pytest.raises(BridgeError) as excinfo:
         install_expert_groups(bridge=None, ep_size=2)  # type: ignore[arg-type]
     message = str(excinfo.value)
     assert f"DeepSpeed {version('deepspeed')}" in message
-    assert (
-        "tables _EXPERT_PARALLEL_GROUP_RANKS, _EXPERT_DATA_PARALLEL_GROUP, _EXPERT_DATA_PARALLEL_GROUP_RANKS in"
-        in message
-    )
+    assert "tables _EXPERT_DATA_PARALLEL_GROUP in" in message
+
+
+def _install_into_group_tables_only(rank: int, world_size: int) -> Dict[str, Any]:
+    import torch.distributed as dist
+
+    import mpu_bridge
+
+    old_style = types.ModuleType("deepspeed.utils.groups")  # DeepSpeed < 0.17: no _RANKS tables
+    old_style._EXPERT_PARALLEL_GROUP = {}
+    old_style._EXPERT_DATA_PARALLEL_GROUP = {}
+    sys.modules["deepspeed.utils.groups"] = old_style
+    bridge = mpu_bridge.attach(None)
+    experts = install_expert_groups(bridge, 2)
+    installed = {
+        "ep": dist.get_process_group_ranks(old_style._EXPERT_PARALLEL_GROUP["ep_size_2"]),
+        "edp": dist.get_process_group_ranks(old_style._EXPERT_DATA_PARALLEL_GROUP["ep_size_2"]),
+        "same": old_style._EXPERT_PARALLEL_GROUP["ep_size_2"] is experts.expert_parallel.group,
+        "no_rank_tables": not hasattr(old_style, "_EXPERT_PARALLEL_GROUP_RANKS"),
+    }
+    installed["removed"] = uninstall_expert_groups(bridge)
+    installed["left"] = dict(old_style._EXPERT_PARALLEL_GROUP)
+    bridge.close()
+    return installed
+
+
+def test_install_into_a_deepspeed_without_rank_tables_fills_the_group_tables():
+    # DeepSpeed 0.14-0.16 keep only _EXPERT_PARALLEL_GROUP / _EXPERT_DATA_PARALLEL_GROUP.
+    results = run_ranks(_install_into_group_tables_only, 4, timeout=WORLD_TIMEOUT_S)
+    assert [r["ep"] for r in results] == [[0, 1], [0, 1], [2, 3], [2, 3]]
+    assert [r["edp"] for r in results] == [[0, 2], [1, 3], [0, 2], [1, 3]]
+    assert all(r["same"] and r["no_rank_tables"] for r in results)
+    assert all(r["removed"] == ["ep_size_2"] and r["left"] == {} for r in results)

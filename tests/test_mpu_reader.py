@@ -45,7 +45,12 @@ EXPECTED_DIMS: Dict[str, set] = {
     "megatron-core-0.4.0": set(DIMENSIONS) | {"tp-dp", "tp-dp-cp", "etp-ep"},
     "megatron-core-0.8.0": set(DIMENSIONS) | {"tp-cp", "tp-dp", "tp-dp-cp", "etp-ep", "etp-ep-pp"},
     "megatron-core-0.9.0": set(DIMENSIONS) | {"tp-cp", "tp-dp", "tp-dp-cp", "etp-ep", "etp-ep-pp"},
-    "megatron-core-0.12": ALL,
+    "megatron-core-0.10.0": ALL,
+    "megatron-core-0.11.0": ALL,
+    "megatron-core-0.12.3": ALL,
+    "megatron-core-0.13.1": ALL,
+    "megatron-core-0.14.0": ALL,
+    "megatron-core-0.15.3": ALL,
     "megatron-core-0.16.1": ALL,
 }
 
@@ -85,7 +90,32 @@ LAYOUTS: Dict[str, List[Dict[str, Any]]] = {
         dict(world=8, ep=4),
         dict(world=16, tp=2, pp=2, ep=2, order="tp-cp-dp-ep-pp"),
     ],
-    "megatron-core-0.12": [
+    "megatron-core-0.10.0": [
+        dict(world=8, tp=2, pp=2),
+        dict(world=16, tp=2, cp=2, ep=4, etp=1),
+        dict(world=16, tp=2, pp=2, ep=2, etp=1),
+    ],
+    "megatron-core-0.11.0": [
+        dict(world=8, tp=2, pp=2),
+        dict(world=16, tp=2, cp=2, ep=4, etp=1),
+        dict(world=16, tp=2, pp=2, ep=2, etp=1),
+    ],
+    "megatron-core-0.12.3": [
+        dict(world=8, tp=2, pp=2),
+        dict(world=16, tp=2, cp=2, ep=4, etp=1),
+        dict(world=16, tp=2, pp=2, ep=2, etp=1),
+    ],
+    "megatron-core-0.13.1": [
+        dict(world=8, tp=2, pp=2),
+        dict(world=16, tp=2, cp=2, ep=4, etp=1),
+        dict(world=16, tp=2, pp=2, ep=2, etp=1),
+    ],
+    "megatron-core-0.14.0": [
+        dict(world=8, tp=2, pp=2),
+        dict(world=16, tp=2, cp=2, ep=4, etp=1),
+        dict(world=16, tp=2, pp=2, ep=2, etp=1),
+    ],
+    "megatron-core-0.15.3": [
         dict(world=8, tp=2, pp=2),
         dict(world=16, tp=2, cp=2, ep=4, etp=1),
         dict(world=16, tp=2, pp=2, ep=2, etp=1),
