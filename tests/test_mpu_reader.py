@@ -57,6 +57,13 @@ EXPECTED_DIMS: Dict[str, set] = {
 #: (record, dim) pairs answered by size/rank getters only: no group getter.
 NO_GROUP = {("megatron-core-0.4.0", "ep")}
 
+#: Layouts for the releases with expert tensor parallelism (megatron-core >= 0.10).
+EXPERT_TP_LAYOUTS: List[Dict[str, Any]] = [
+    dict(world=8, tp=2, pp=2),
+    dict(world=16, tp=2, cp=2, ep=4, etp=1),
+    dict(world=16, tp=2, pp=2, ep=2, etp=1),
+]
+
 #: Layouts each recorded MPU is read under.
 LAYOUTS: Dict[str, List[Dict[str, Any]]] = {
     "megatron-lm-1.0": [dict(world=8, tp=2), dict(world=8, tp=4), dict(world=4)],
@@ -90,36 +97,12 @@ LAYOUTS: Dict[str, List[Dict[str, Any]]] = {
         dict(world=8, ep=4),
         dict(world=16, tp=2, pp=2, ep=2, order="tp-cp-dp-ep-pp"),
     ],
-    "megatron-core-0.10.0": [
-        dict(world=8, tp=2, pp=2),
-        dict(world=16, tp=2, cp=2, ep=4, etp=1),
-        dict(world=16, tp=2, pp=2, ep=2, etp=1),
-    ],
-    "megatron-core-0.11.0": [
-        dict(world=8, tp=2, pp=2),
-        dict(world=16, tp=2, cp=2, ep=4, etp=1),
-        dict(world=16, tp=2, pp=2, ep=2, etp=1),
-    ],
-    "megatron-core-0.12.3": [
-        dict(world=8, tp=2, pp=2),
-        dict(world=16, tp=2, cp=2, ep=4, etp=1),
-        dict(world=16, tp=2, pp=2, ep=2, etp=1),
-    ],
-    "megatron-core-0.13.1": [
-        dict(world=8, tp=2, pp=2),
-        dict(world=16, tp=2, cp=2, ep=4, etp=1),
-        dict(world=16, tp=2, pp=2, ep=2, etp=1),
-    ],
-    "megatron-core-0.14.0": [
-        dict(world=8, tp=2, pp=2),
-        dict(world=16, tp=2, cp=2, ep=4, etp=1),
-        dict(world=16, tp=2, pp=2, ep=2, etp=1),
-    ],
-    "megatron-core-0.15.3": [
-        dict(world=8, tp=2, pp=2),
-        dict(world=16, tp=2, cp=2, ep=4, etp=1),
-        dict(world=16, tp=2, pp=2, ep=2, etp=1),
-    ],
+    "megatron-core-0.10.0": EXPERT_TP_LAYOUTS,
+    "megatron-core-0.11.0": EXPERT_TP_LAYOUTS,
+    "megatron-core-0.12.3": EXPERT_TP_LAYOUTS,
+    "megatron-core-0.13.1": EXPERT_TP_LAYOUTS,
+    "megatron-core-0.14.0": EXPERT_TP_LAYOUTS,
+    "megatron-core-0.15.3": EXPERT_TP_LAYOUTS,
     "megatron-core-0.16.1": [
         dict(world=8, tp=2, pp=2),
         dict(world=8, tp=2, cp=2),
