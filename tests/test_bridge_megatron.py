@@ -680,3 +680,39 @@ def test_legacy_sequence_getters_are_context_parallelism_when_cp_is_2(world4, wo
         assert observed["sequence_parallel_world_size"] == 2, rank
         assert observed["sequence_data_parallel_world_size"] == 4, rank  # dp 2 x cp 2
         assert observed["sequence_data_parallel_group_is_megatron"], rank
+
+
+# ---------------------------------------------------------------------------------------
+# The world clone
+# ---------------------------------------------------------------------------------------
+
+
+def _world_over_megatron(rank: int, world_size: int) -> Dict[str, Any]:
+    import mpu_bridge
+
+    ps = _parallel_state()
+    _initialize(ps, dict(pp=2))  # pp 2 x dp 2: no dense group spans the 4 ranks
+    bridge = mpu_bridge.attach(ps)
+    pgs_before = _pg_count()
+    world = bridge.world()
+    observed = {
+        "ranks": world.ranks,
+        "created": bridge.stats()["created"],
+        "pg_delta": _pg_count() - pgs_before,
+        "is_megatron_world_group": world.group is ps.get_intra_distributed_optimizer_instance_group(),
+        "borrowed": world.borrowed,
+        "sum": _sum_of_ranks(world.group),
+    }
+    bridge.close()
+    ps.destroy_model_parallel()
+    return observed
+
+
+def test_world_reuses_megatron_cores_world_sized_group_and_creates_nothing():
+    if not hasattr(_parallel_state(), "get_intra_distributed_optimizer_instance_group"):
+        pytest.skip("megatron-core < 0.11 holds no world-sized group")
+    for rank, observed in enumerate(run_ranks(_world_over_megatron, 4, timeout=300)):
+        assert observed["ranks"] == (0, 1, 2, 3), rank
+        assert (observed["created"], observed["pg_delta"]) == (0, 0), rank
+        assert observed["is_megatron_world_group"] and observed["borrowed"], rank
+        assert observed["sum"] == 6, rank
