@@ -207,7 +207,6 @@ class Bridge:
         self.registry = GroupRegistry(**self._registry_options)
         self.reader: Optional[MpuReader] = None
         self._borrowed: Dict[str, GroupInfo] = {}
-        self._mpu_group_objects: List[Any] = []  # every group borrowed from the MPU
         self._derived: Dict[str, GroupInfo] = {}
         self._experts: Dict[str, ExpertGroups] = {}
         self._zero: Dict[int, GroupInfo] = {}
@@ -337,7 +336,6 @@ class Bridge:
                 continue
             ranks = tuple(reader.group_ranks(dim))
             group = self.registry.borrow(ranks, reader.group(dim))
-            self._mpu_group_objects.append(group)
             if dim not in _DIM_NAMES:
                 continue
             self._borrowed[dim] = GroupInfo(
@@ -361,7 +359,7 @@ class Bridge:
             except Exception:  # not initialised, None, or not a group: nothing to borrow
                 continue
             if len(ranks) == self.world_size and sorted(ranks) == list(range(self.world_size)):
-                self._mpu_group_objects.append(self.registry.borrow(ranks, group))
+                self.registry.borrow(ranks, group)
 
     # -- creation helper ---------------------------------------------------------
 
@@ -372,7 +370,7 @@ class Bridge:
         for (name, part), group in zip(names_and_partitions, groups):
             if part.own is None or group is None:
                 raise BridgeError(f"rank {self.rank} is in no group of {part.key}")
-            borrowed = any(g is group for g in self._mpu_group_objects)
+            borrowed = self.registry.is_borrowed(group)
             infos.append(
                 GroupInfo(name=name, group=group, ranks=part.own, rank=part.own.index(self.rank), borrowed=borrowed)
             )

@@ -96,8 +96,9 @@ def install_expert_groups(
 
     Fills ``deepspeed.utils.groups``' ``_EXPERT_PARALLEL_GROUP[_RANKS]`` and
     ``_EXPERT_DATA_PARALLEL_GROUP[_RANKS]`` under ``"ep_size_<ep_size>"`` with this
-    rank's groups (the ``_RANKS`` tables where the DeepSpeed version has them), and, when the experts are tensor-parallel (expert-TP > 1), sets
-    DeepSpeed's ``expert_tensor_parallel_world_size`` as its own E+M+D path does.
+    rank's groups (the ``_RANKS`` tables where the DeepSpeed version has them), and,
+    when the experts are tensor-parallel (expert-TP > 1), sets DeepSpeed's
+    ``expert_tensor_parallel_world_size`` as its own E+M+D path does.
     ``data_before_expert`` as in :meth:`Bridge.expert_groups` (``None``: the MPU's order).
     Collective: call on every rank, before ``deepspeed.initialize``. Installing the
     same groups again is a no-op.

@@ -49,16 +49,16 @@ Example (every rank)::
 
 from __future__ import annotations
 
+import array
 import datetime
 import hashlib
 import inspect
+import functools
 import itertools
 import json
 import logging
 import operator
 import threading
-import array
-import functools
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -463,6 +463,11 @@ class GroupRegistry:
                 self._borrowed_groups.append(group)
                 self.borrowed += 1
             return group
+
+    def is_borrowed(self, group: Any) -> bool:
+        """Whether ``group`` was registered with :meth:`borrow` (the MPU owns it)."""
+        with self._lock:
+            return any(g is group for g in self._borrowed_groups)
 
     def lookup(self, ranks: Sequence[int]) -> Optional[Any]:
         """The registered group for ``ranks`` (this registry's backend and options), or None."""
