@@ -63,7 +63,6 @@ import gc
 import hashlib
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -348,105 +347,31 @@ def _gloo_rank(rank: int, world_size: int, spec: Dict[str, Any]) -> Dict[str, An
     return _measure(spec)
 
 
-def _forked_rank(rank: int, spec: Dict[str, Any], port: int, results: Any) -> None:
-    """One rank of a forked gloo world: join the parent's store, measure, report."""
-    import traceback
+def _preload(spec: Dict[str, Any]) -> Tuple[str, ...]:
+    """What the launcher's fork server imports once for every rank: this script (the
+    ranks unpickle ``_gloo_rank`` from it), torch, megatron-core and the contender.
 
-    import torch.distributed as dist
-
-    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(spec["world"]),
-                       "LOCAL_WORLD_SIZE": str(spec["world"]), "MASTER_ADDR": "127.0.0.1",
-                       "MASTER_PORT": str(port)})
-    try:
-        import datetime
-
-        timeout = datetime.timedelta(seconds=spec["timeout"])
-        store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timeout)
-        dist.init_process_group("gloo", store=store, rank=rank, world_size=spec["world"], timeout=timeout)
-        results.put(("ok", rank, _measure(spec)))
-    except BaseException:  # report everything; the parent raises it
-        results.put(("error", rank, traceback.format_exc()))
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def _host_store(port: int, seconds: float) -> None:
-    """Serve the world's TCPStore from a process of its own until killed.
-
-    The parent starts no thread before it forks the ranks (a fork taken while a
-    store thread held a lock deadlocked a rank now and then), and no rank pays for
-    serving the store.
+    8 ranks each importing torch, megatron-core and DeepSpeed on a busy 2-core
+    machine took minutes; from the fork server they inherit them.
     """
-    import datetime
-
-    import torch.distributed as dist
-
-    store = dist.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False,
-                          timeout=datetime.timedelta(seconds=seconds))
-    time.sleep(seconds)
-    del store
+    contender = "deepspeed" if spec["contender"] == DEEPSPEED else "mpu_bridge.bridge"
+    return ("__main__", "torch.distributed", "megatron.core.parallel_state", contender)
 
 
-def _run_forked_world(spec: Dict[str, Any]) -> List[Dict[str, Any]]:
-    """Run ``_measure`` on every rank of a gloo world of forked processes; results by rank.
+def _run_gloo_world(spec: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """Run ``_measure`` on every rank of a gloo world of local processes; results by rank.
 
-    The heavy imports (torch, megatron-core, DeepSpeed or mpu-bridge) happen once,
-    here, and the ranks inherit them: 8 spawned processes importing them on a busy
-    2-core machine took minutes. Ranks still running at the deadline are killed.
+    The package's one local launcher (:func:`mpu_bridge.selfcheck.launch.run_ranks`):
+    ranks from a fork server (``--launcher fork``) or spawned from scratch
+    (``--launcher spawn``), the parent hosting the store, a hard deadline; a rank's
+    exception is raised here with its traceback.
     """
-    import multiprocessing
-    import queue
+    from mpu_bridge.selfcheck.launch import run_ranks
 
-    import torch.distributed  # noqa: F401  (inherited by the ranks)
-    from megatron.core import parallel_state  # noqa: F401
-
-    if spec["contender"] == DEEPSPEED:
-        import deepspeed  # noqa: F401
-    else:
-        import mpu_bridge.bridge  # noqa: F401
-    ctx = multiprocessing.get_context("fork")
-    results = ctx.Queue()
-    with socket.socket() as probe:  # a free port for rank 0's store
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    host = ctx.Process(target=_host_store, args=(port, spec["timeout"]), daemon=True)
-    procs = [ctx.Process(target=_forked_rank, args=(r, spec, port, results), daemon=True)
-             for r in range(spec["world"])]
-    deadline = time.monotonic() + spec["timeout"]
-    values: Dict[int, Any] = {}
-    try:
-        host.start()
-        for proc in procs:
-            proc.start()
-        while len(values) < spec["world"]:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise SystemExit(f"ranks {sorted(set(range(spec['world'])) - set(values))} did not finish "
-                                 f"within {spec['timeout']:g} s")
-            try:
-                status, rank, value = results.get(timeout=min(left, 1.0))
-            except queue.Empty:
-                dead = [r for r, p in enumerate(procs) if r not in values and not p.is_alive()]
-                if dead:
-                    time.sleep(1.0)
-                    if results.empty():
-                        raise SystemExit(f"rank {dead[0]} died without reporting (exit {procs[dead[0]].exitcode})")
-                continue
-            if status != "ok":
-                raise SystemExit(f"rank {rank} failed:\n{value}")
-            values[rank] = value
-        for proc in procs:
-            proc.join(10.0)
-        return [values[r] for r in range(spec["world"])]
-    finally:
-        for proc in procs:
-            if proc.is_alive():
-                proc.kill()
-                proc.join(5.0)
-        if host.is_alive():
-            host.kill()
-            host.join(5.0)
+    method = "spawn" if spec.get("launcher") == "spawn" else "forkserver"
+    return run_ranks(
+        _gloo_rank, spec["world"], spec, timeout=spec["timeout"], env=_WORKER_ENV, preload=_preload(spec), method=method
+    )
 
 
 def _combine_ranks(results: List[Dict[str, Any]]) -> Dict[str, Any]:
@@ -481,14 +406,7 @@ def worker(spec: Dict[str, Any]) -> Dict[str, Any]:
             return _measure(spec)
         finally:
             dist.destroy_process_group()
-    if spec.get("launcher") == "spawn":  # the test suite's harness: every rank imports everything
-        sys.path.insert(0, str(ROOT / "tests"))
-        from _multiproc import run_ranks
-
-        results = run_ranks(_gloo_rank, spec["world"], spec, timeout=spec["timeout"], env=_WORKER_ENV)
-    else:
-        results = _run_forked_world(spec)
-    return _combine_ranks(results)
+    return _combine_ranks(_run_gloo_world(spec))
 
 
 # ---------------------------------------------------------------------------------------
@@ -543,9 +461,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--profile", action="store_true", help="cProfile the bridge at the largest fake size")
     parser.add_argument("--json", metavar="PATH", help="also write every raw measurement here")
     parser.add_argument("--launcher", choices=("fork", "spawn"), default="fork",
-                        help="gloo ranks: forked from one process that imported everything (default), "
-                             "or spawned by tests/_multiproc.run_ranks (each rank imports torch, "
-                             "megatron-core and DeepSpeed itself: minutes on a busy 2-core machine)")
+                        help="gloo ranks: forked from a fork server that imported everything (default), "
+                             "or spawned (each rank imports torch, megatron-core and DeepSpeed itself: "
+                             "minutes on a busy 2-core machine); both through mpu_bridge.selfcheck.launch")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 

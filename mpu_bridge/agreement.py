@@ -18,9 +18,18 @@ Consistency: the round ends through one atomic ``compare_set`` on the round's
 tries to write ``timeout``. Whichever lands first is what every rank reads, so a
 rank arriving just after the deadline raises too instead of creating groups alone.
 
-Store layout (all under ``mpu_bridge/agree/``): ``rounds/<rank>`` counts the
-rounds a rank has joined, so round ``n`` is the ``n``-th agreement on every rank
-(independent of which registry asks); round keys live under ``<n>/``.
+Rounds and epochs (why one rank's missed call cannot shift every later round):
+rounds are numbered per *epoch*. ``epoch`` is one shared counter; ``rounds/<epoch>/<rank>``
+counts the rounds a rank has joined in it, so round ``n`` of an epoch is every
+rank's ``n``-th agreement since the epoch began. A round that fails (the plans
+differ, or a rank did not arrive in time) ends its epoch: every rank that saw the
+failure moves the shared counter on (one atomic ``compare_set``) *before* it
+raises, so each rank's next round -- including a rank that skipped the failed one
+-- starts at round 1 of the new epoch. Once the ranks are back in step (a barrier,
+then identical calls) they agree again.
+
+Store layout (all under ``mpu_bridge/agree/``): ``epoch``; ``rounds/<epoch>/<rank>``;
+the keys of round ``n`` live under ``<epoch>.<n>/``.
 
 Example (every rank)::
 
@@ -37,9 +46,11 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from .errors import GroupCreationError, PlanMismatchError
+from .text import format_ranks
+from .validate import seconds
 
 __all__ = ["NAMESPACE", "Agreement", "Table", "agree", "format_ranks"]
 
@@ -52,30 +63,6 @@ _OK = "ok"
 _MAX_VALUE_IN_KEY = 64
 _MAX_SUMMARY = 600
 _MULTI_GET_CHUNK = 4096
-
-
-def format_ranks(ranks: Sequence[int], limit: int = 24) -> str:
-    """Ranks as a short list with ranges, e.g. ``[0, 1, 4-7]``; long lists are cut with a count.
-
-    Example: ``format_ranks([0, 1, 2, 5]) == "[0-2, 5]"``.
-    """
-    ordered = sorted(set(int(r) for r in ranks))
-    parts: List[str] = []
-    start = prev = None
-    for r in ordered:
-        if start is None:
-            start = prev = r
-        elif r == prev + 1:  # type: ignore[operator]
-            prev = r
-        else:
-            parts.append(f"{start}" if start == prev else f"{start}-{prev}")
-            start = prev = r
-    if start is not None:
-        parts.append(f"{start}" if start == prev else f"{start}-{prev}")
-    if len(parts) > limit:
-        shown = ", ".join(parts[:limit])
-        return f"[{shown}, ... ({len(ordered)} ranks in all)]"
-    return "[" + ", ".join(parts) + "]"
 
 
 def _value_key(value: str) -> str:
@@ -138,6 +125,7 @@ class Agreement:
     """
 
     round: int
+    epoch: int
     rank: int
     world_size: int
     facts: Mapping[str, str]
@@ -242,9 +230,16 @@ def _collect(store: Any, prefix: str, rank: int, world_size: int, timeout: float
 
 
 def _timeout_error(
-    rank: int, world_size: int, round_: int, timeout: float, outcome: Mapping[str, Any]
+    rank: int, world_size: int, round_: str, timeout: float, outcome: Mapping[str, Any], missed: bool = False
 ) -> GroupCreationError:
     missing = outcome.get("missing")
+    if missing and rank in missing:
+        return GroupCreationError(
+            f"rank {rank}: this rank arrived too late: the other ranks gave up waiting for it after "
+            f"the agreement timeout of {timeout:g} s (agreement round {round_}; late ranks "
+            f"{format_ranks(missing)}). It was slower than the others or made a call they did not "
+            "make; bring the ranks back in step (e.g. a barrier), or raise agreement_timeout."
+        )
     if missing:
         who = f"ranks {format_ranks(missing)} of {world_size} never arrived"
     else:
@@ -254,6 +249,12 @@ def _timeout_error(
         f"the agreement timeout of {timeout:g} s: {who} (agreement round {round_}). A missing rank "
         "crashed, raised before creating its groups, or made a different sequence of group "
         "requests; fix that rank (see its log), or raise agreement_timeout if it is merely slow."
+        + (
+            " Note: this rank itself missed an earlier round that the other ranks gave up on (it was "
+            "slower than them, or skipped or added a call), so it may be the one out of step."
+            if missed
+            else ""
+        )
     )
 
 
@@ -280,8 +281,7 @@ def agree(
     """
     if world_size < 1 or not 0 <= rank < world_size:
         raise GroupCreationError(f"rank {rank} is outside a world of {world_size} ranks")
-    if timeout <= 0:
-        raise GroupCreationError(f"agreement timeout must be positive, got {timeout!r} s")
+    timeout = seconds("agreement_timeout", timeout, GroupCreationError)
     try:
         return _agree(store, rank, world_size, digest, summary, facts, timeout, namespace)
     except RuntimeError as exc:  # the store itself failed (DistError and friends)
@@ -289,6 +289,99 @@ def agree(
             f"rank {rank}: the default store failed while the ranks agreed on a group plan: "
             f"{exc}. The process hosting the store (usually rank 0) may have died; see its log."
         ) from exc
+
+
+@dataclass(frozen=True)
+class _Seat:
+    """One rank's place in one round: where its keys live and what it published."""
+
+    namespace: str
+    rank: int
+    world_size: int
+    epoch: int
+    round: int
+    missed: bool  # this rank had not seen the failure that began this epoch
+    digest: str
+    facts: Mapping[str, str]
+
+    @property
+    def prefix(self) -> str:
+        return f"{self.namespace}/{self.epoch}.{self.round}"
+
+    @property
+    def label(self) -> str:
+        return f"{self.epoch}.{self.round}"
+
+
+def _join(store: Any, namespace: str, rank: int, world_size: int, digest: str, summary: str,
+          facts: Mapping[str, str]) -> Tuple[_Seat, int]:
+    """Take this rank's seat in its next round and publish its plan; returns (seat, arrivals).
+
+    The record goes first (so "record absent" means "never arrived"), then the counters,
+    then the arrival: when arrivals reach ``world_size``, every counter is final.
+    """
+    epoch = int(store.add(f"{namespace}/epoch", 0))
+    # The last epoch this rank knew of: behind the shared one means it missed a failed round.
+    missed = int(store.add(f"{namespace}/seen/{rank}", 0)) < epoch
+    if missed:
+        store.set(f"{namespace}/seen/{rank}", str(epoch))
+    round_ = int(store.add(f"{namespace}/rounds/{epoch}/{rank}", 1))
+    seat = _Seat(namespace, rank, world_size, epoch, round_, missed, digest, facts)
+    store.set(f"{seat.prefix}/r/{rank}", json.dumps({"d": digest, "s": summary[:_MAX_SUMMARY], "f": facts}))
+    store.add(f"{seat.prefix}/d/{_value_key(digest)}", 1)
+    for name, value in facts.items():
+        store.add(f"{seat.prefix}/f/{name}/{_value_key(value)}", 1)
+    return seat, int(store.add(f"{seat.prefix}/arrived", 1))
+
+
+def _settle(store: Any, seat: _Seat, arrived: int, deadline: float) -> str:
+    """The round's outcome: ``ok`` (all arrived) or a timeout record, the same for every rank."""
+    done_key = f"{seat.prefix}/done"
+    if arrived == seat.world_size:
+        text = store.compare_set(done_key, "", _OK)
+    elif _wait(store, done_key, deadline - time.monotonic()):
+        text = store.get(done_key)
+    else:
+        text = _declare_timeout(store, seat.prefix, seat.world_size)
+    return text.decode("utf-8") if isinstance(text, bytes) else text
+
+
+def _conclude(store: Any, seat: _Seat, outcome_text: str, timeout: float) -> Agreement:
+    """Raise what every rank raises for this outcome, or return the agreement."""
+    if outcome_text != _OK:
+        _end_epoch(store, seat.namespace, seat.rank, seat.epoch)
+        raise _timeout_error(seat.rank, seat.world_size, seat.label, timeout, json.loads(outcome_text),
+                             seat.missed)
+    prefix, world_size = seat.prefix, seat.world_size
+    agreement = Agreement(
+        round=seat.round,
+        epoch=seat.epoch,
+        rank=seat.rank,
+        world_size=world_size,
+        facts=seat.facts,
+        unanimous={
+            name: int(store.add(f"{prefix}/f/{name}/{_value_key(value)}", 0)) == world_size
+            for name, value in seat.facts.items()
+        },
+        _store=store,
+        _prefix=prefix,
+        _timeout=timeout,
+    )
+    if int(store.add(f"{prefix}/d/{_value_key(seat.digest)}", 0)) != world_size:
+        table = agreement.collect()
+        _end_epoch(store, seat.namespace, seat.rank, seat.epoch)
+        raise PlanMismatchError(
+            f"ranks disagree on the process groups to create (agreement round {seat.label}, "
+            f"{world_size} ranks): {table.describe_plans()}. Every rank must request the same "
+            "groups (same sizes, same order of calls); fix the rank(s) that differ."
+        )
+    if agreement.all_unanimous:
+        # Nobody will collect this round: drop this rank's record to keep the store small.
+        try:
+            store.delete_key(f"{prefix}/r/{seat.rank}")
+        except (RuntimeError, NotImplementedError):
+            pass
+    return agreement
 
 
 def _agree(
@@ -301,72 +394,29 @@ def _agree(
     timeout: float,
     namespace: str,
 ) -> Agreement:
-    facts = {str(k): str(v) for k, v in (facts or {}).items()}
     deadline = time.monotonic() + timeout
-    round_ = int(store.add(f"{namespace}/rounds/{rank}", 1))
-    prefix = f"{namespace}/{round_}"
-    done_key = f"{prefix}/done"
-    record = json.dumps({"d": digest, "s": summary[:_MAX_SUMMARY], "f": facts})
-
-    # Publish: the record first (so "record absent" means "never arrived"), then the
-    # counters, then the arrival. When arrivals reach world_size, every counter is final.
-    store.set(f"{prefix}/r/{rank}", record)
-    store.add(f"{prefix}/d/{_value_key(digest)}", 1)
-    for name, value in facts.items():
-        store.add(f"{prefix}/f/{name}/{_value_key(value)}", 1)
-    arrived = int(store.add(f"{prefix}/arrived", 1))
-
-    if arrived == world_size:
-        outcome_text = store.compare_set(done_key, "", _OK)
-    elif _wait(store, done_key, deadline - time.monotonic()):
-        outcome_text = store.get(done_key)
-    else:
-        outcome_text = _declare_timeout(store, prefix, rank, world_size, timeout)
-    outcome_text = outcome_text.decode("utf-8") if isinstance(outcome_text, bytes) else outcome_text
-
-    if outcome_text != _OK:
-        outcome = json.loads(outcome_text)
-        raise _timeout_error(rank, world_size, round_, timeout, outcome)
-
-    agreement = Agreement(
-        round=round_,
-        rank=rank,
-        world_size=world_size,
-        facts=facts,
-        unanimous={
-            name: int(store.add(f"{prefix}/f/{name}/{_value_key(value)}", 0)) == world_size
-            for name, value in facts.items()
-        },
-        _store=store,
-        _prefix=prefix,
-        _timeout=timeout,
-    )
-    if int(store.add(f"{prefix}/d/{_value_key(digest)}", 0)) != world_size:
-        table = agreement.collect()
-        raise PlanMismatchError(
-            f"ranks disagree on the process groups to create (agreement round {round_}, "
-            f"{world_size} ranks): {table.describe_plans()}. Every rank must request the same "
-            "groups (same sizes, same order of calls); fix the rank(s) that differ."
-        )
-    if agreement.all_unanimous:
-        # Nobody will collect this round: drop this rank's record to keep the store small.
-        try:
-            store.delete_key(f"{prefix}/r/{rank}")
-        except (RuntimeError, NotImplementedError):
-            pass
-    logger.debug("mpu-bridge: rank %d agreed on round %d (%s)", rank, round_, summary[:120])
+    clean = {str(k): str(v) for k, v in (facts or {}).items()}
+    seat, arrived = _join(store, namespace, rank, world_size, digest, summary, clean)
+    agreement = _conclude(store, seat, _settle(store, seat, arrived, deadline), timeout)
+    logger.debug("mpu-bridge: rank %d agreed on round %s (%s)", rank, seat.label, summary[:120])
     return agreement
 
 
-def _declare_timeout(store: Any, prefix: str, rank: int, world_size: int, timeout: float) -> bytes:
-    """Try to end the round as timed out; returns whatever outcome won (it may be ``ok``)."""
-    done_key = f"{prefix}/done"
-    if int(store.add(f"{prefix}/timeout_claim", 1)) == 1:
-        missing = _missing_ranks(store, prefix, world_size)
-        text = json.dumps({"status": "timeout", "missing": missing, "by": rank})
-        return store.compare_set(done_key, "", text)
-    # Another rank is naming the missing ranks; give it a moment, then settle it ourselves.
-    if _wait(store, done_key, min(timeout, 10.0)):
-        return store.get(done_key)
-    text = json.dumps({"status": "timeout", "missing": None, "by": rank})
-    return store.compare_set(done_key, "", text)
+def _end_epoch(store: Any, namespace: str, rank: int, epoch: int) -> None:
+    """Move the shared epoch from ``epoch`` to ``epoch + 1`` (a no-op if another rank did),
+    and note that this rank saw it end."""
+    store.compare_set(f"{namespace}/epoch", str(epoch), str(epoch + 1))
+    store.set(f"{namespace}/seen/{rank}", str(epoch + 1))
+
+
+def _declare_timeout(store: Any, prefix: str, world_size: int) -> bytes:
+    """End the round as timed out, naming the ranks that never arrived; returns whatever
+    outcome won (it may be ``ok``, if the last rank arrived meanwhile).
+
+    Every rank that timed out names the missing ranks itself (O(missing · log world)
+    store checks, on the error path only) and tries to settle the round; the first
+    ``compare_set`` wins and every rank reads the same outcome.
+    """
+    missing = _missing_ranks(store, prefix, world_size)
+    text = json.dumps({"status": "timeout", "missing": missing})
+    return store.compare_set(f"{prefix}/done", "", text)

@@ -1,11 +1,25 @@
 """The bridge: every process group of MoE / ZeRO / sequence parallelism, derived from one MPU.
 
 ``attach(mpu)`` reads the MPU (any flavour :mod:`mpu_bridge.mpu` knows), checks it
-against the world, registers the MPU's own groups as *borrowed*, and then derives
-expert, sequence-data, hpZ and all-to-all groups on request. Every derived group
-is a partition of the world computed by :mod:`mpu_bridge.layout`; creation goes
-through one :class:`~mpu_bridge.registry.GroupRegistry`, which reuses any rank set
-that already has a communicator (the MPU's or an earlier request's).
+against the world, infers its rank order from its own groups, registers its
+groups as *borrowed*, and then derives expert, sequence-data, hpZ and all-to-all
+groups on request. Each request is one family of :mod:`mpu_bridge.partitions`
+handed to one :class:`~mpu_bridge.registry.GroupRegistry`, which reuses any rank
+set that already has a communicator (the MPU's or an earlier request's).
+
+What is collective (see the README's reliability section):
+
+* sizes, ranks and rank lists -- :attr:`Bridge.layout`, :meth:`Bridge.ranks` and the
+  size/rank getters of the adapters -- are arithmetic: no communication, any rank alone;
+* a group the MPU already has for a kind is handed out locally, as the MPU would;
+* every other call that returns a group is collective *the first time it is made*:
+  all ranks agree on it through the default store (also when every group can be
+  reused) within ``agreement_timeout``, or all raise. Asking again returns the
+  same object with no communication.
+
+The bridge's view of the MPU is one :class:`State` built in full per attach or
+rebuild and swapped in only when complete; a rebuild that fails leaves the bridge
+refusing every call with the reason until the MPU can be read again.
 
 Example (every rank)::
 
@@ -21,149 +35,48 @@ from __future__ import annotations
 
 import datetime
 import logging
-import os
 import threading
-from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, TypeVar, Union
 
 import torch.distributed as dist
-from torch.distributed import distributed_c10d as c10d
 
+from . import _torch, partitions
 from .errors import BridgeError, LayoutError, MpuError
-from .layout import DEFAULT_ORDER, Layout, expert_order, plan
-from .mpu import DIMENSION_KINDS, MpuReader
-from .registry import GroupRegistry, Partition
+from .kinds import kind_named
+from .layout import DEFAULT_ORDER, Layout
+from .legacy_mpu import LegacyMpu
+from .mpu import MpuReader
+from .partitions import Partition
+from .registry import GroupRegistry
+from .state import (
+    AllToAllGroups,
+    Broken,
+    ExpertGroups,
+    GroupInfo,
+    State,
+    expert_layout,
+    group_ranks,
+    mpu_changed,
+    prefer_mpu_group,
+    puts_data_before_expert,
+    read_state,
+    resolve_gpus_per_node,
+)
+from .validate import boolean, optional_bool, positive_int
 
 __all__ = ["GroupInfo", "ExpertGroups", "AllToAllGroups", "Bridge", "attach"]
 
 logger = logging.getLogger(__name__)
-
-# Bridge dimension -> the Layout kind holding the same rank sets (the MPU's own
-# combined groups, e.g. "tp-dp", are borrowed too, so derived groups can reuse them).
-_DIM_TO_KIND = dict(DIMENSION_KINDS)
-#: MPU getters of a group that may span the whole world without answering a dimension.
-_WORLD_SIZED_GETTERS = ("get_intra_distributed_optimizer_instance_group",)
-_EXPERT_DIMS = frozenset(("ep", "edp", "etp", "etp-ep", "etp-ep-pp"))
-
-# Orders tried, in this sequence, when the MPU does not say which it used.
-_FALLBACK_ORDERS = (DEFAULT_ORDER, "tp-cp-dp-ep-pp", "tp-pp-dp", "tp-cp-ep-pp-dp")
-
-
-@dataclass(frozen=True)
-class GroupInfo:
-    """One rank's view of one process group.
-
-    ``ranks`` are the group's global ranks in group-rank order, so ``src_rank``
-    (``ranks[0]``) is right for strided groups too.
-
-    Example: on rank 5 of ``plan(16, tp=2, ep=4)``, the EP group has
-    ``ranks == (1, 3, 5, 7)``, ``rank == 2``, ``src_rank == 1``.
-    """
-
-    name: str
-    group: Any
-    ranks: Tuple[int, ...]
-    rank: int
-    borrowed: bool = False
-
-    @property
-    def world_size(self) -> int:
-        return len(self.ranks)
-
-    @property
-    def src_rank(self) -> int:
-        """Global rank of the group's rank 0."""
-        return self.ranks[0]
-
-
-@dataclass(frozen=True)
-class ExpertGroups:
-    """The expert-parallel and expert-data-parallel groups of one expert-parallel size.
-
-    Named like DeepSpeed's (``"ep_size_4"``).
-    """
-
-    name: str
-    ep_size: int
-    expert_parallel: GroupInfo
-    expert_data_parallel: GroupInfo
-    layout: Layout
-    data_before_expert: bool
-    expert_tensor_parallel: bool
-
-
-@dataclass(frozen=True)
-class AllToAllGroups:
-    """Node-local and cross-node groups for hierarchical all-to-all.
-
-    ``local`` holds the GPUs of this rank's node; ``cross_node`` the same local
-    rank on every node (``None`` on a single node, like DeepSpeed which creates
-    no ``global_*`` group there). :meth:`as_dict` uses DeepSpeed's names.
-    """
-
-    gpus_per_node: int
-    num_nodes: int
-    local: GroupInfo
-    cross_node: Optional[GroupInfo]
-
-    def as_dict(self) -> Dict[str, Any]:
-        """``{"local_<node>": group, "global_<local rank>": group}`` for this rank."""
-        node = self.local.ranks[0] // self.gpus_per_node
-        out = {f"local_{node}": self.local.group}
-        if self.cross_node is not None:
-            out[f"global_{self.cross_node.ranks[0]}"] = self.cross_node.group
-        return out
-
-
-def _layout_partition(key: str, layout: Layout, kind: str, rank: int) -> Partition:
-    return Partition.from_layout(layout, kind, rank, key=key)
-
-
-def _block_partition(key: str, layout: Layout, kind: str, block: int, rank: int) -> Partition:
-    """Consecutive blocks of ``block`` members of every group of ``kind``.
-
-    Raises LayoutError unless the blocks of each group are translates of the first
-    block (true for single-dimension kinds, and whenever blocks align with dims).
-    """
-    first = layout.group(kind, 0)
-    size = len(first)
-    if size % block:
-        raise LayoutError(
-            f"partition size {block} does not divide the {kind} group size {size}; "
-            f"choose a divisor of {size}"
-        )
-    offsets = [r - first[0] for r in first]
-    pattern = offsets[:block]
-    for start in range(0, size, block):
-        chunk = [o - offsets[start] for o in offsets[start : start + block]]
-        if chunk != pattern:
-            raise LayoutError(
-                f"blocks of {block} ranks of the {kind} group {first} are not all shaped alike; "
-                f"choose a block size that divides or is a multiple of the innermost dimension"
-            )
-
-    def groups() -> Iterator[List[int]]:
-        for members in layout.iter_groups(kind):
-            for start in range(0, size, block):
-                yield members[start : start + block]
-
-    mine = layout.group_of(kind, rank)
-    pos = mine.index(rank) // block * block
-    return Partition(
-        key=key,
-        group_size=block,
-        num_groups=layout.num_groups(kind) * (size // block),
-        own=tuple(mine[pos : pos + block]),
-        groups=groups,
-    ).as_trusted()  # blocks of layout groups, checked above to be translates
+_T = TypeVar("_T")
 
 
 class Bridge:
     """Process groups derived from one MPU (or from the world alone, with no MPU).
 
-    Create with :func:`attach`. All ranks must make the same calls in the same order
-    (group creation is collective); the bridge checks that before creating anything
-    and raises :class:`~mpu_bridge.errors.PlanMismatchError` on every rank otherwise.
+    Create with :func:`attach`. Group-returning calls are collective the first time
+    they are made (see the module docstring); the bridge checks that every rank made
+    the same call before creating anything and raises
+    :class:`~mpu_bridge.errors.PlanMismatchError` on every rank otherwise.
     """
 
     def __init__(
@@ -184,10 +97,12 @@ class Bridge:
                 "torch.distributed is not initialised; call torch.distributed.init_process_group "
                 "(or the trainer's initialisation) before mpu_bridge.attach"
             )
+        if order is not None and not isinstance(order, str):
+            raise LayoutError(f"order must be a string such as {DEFAULT_ORDER!r} or None, got {order!r}")
+        self._gpus_per_node = None if gpus_per_node is None else positive_int("gpus_per_node", gpus_per_node)
         self._lock = threading.RLock()
         self.world_size: int = dist.get_world_size()
         self.rank: int = dist.get_rank()
-        self._gpus_per_node = gpus_per_node
         self._registry_options = dict(
             backend=backend,
             timeout=timeout,
@@ -198,214 +113,141 @@ class Bridge:
         )
         self._order = order
         self._mpu_object = mpu
-        self._default_group = c10d._get_default_group()
+        self._default_group = _torch.default_group()
         self._closed = False
-        self._setup()
+        self._warned_clamp: set = set()
+        self._state: Union[State, Broken] = self._build_state()
 
-    def _setup(self) -> None:
-        """Read the MPU (if any), borrow its groups and start an empty registry."""
-        self.registry = GroupRegistry(**self._registry_options)
-        self.reader: Optional[MpuReader] = None
-        self._borrowed: Dict[str, GroupInfo] = {}
-        self._derived: Dict[str, GroupInfo] = {}
-        self._experts: Dict[str, ExpertGroups] = {}
-        self._zero: Dict[int, GroupInfo] = {}
-        self._all_to_all: Dict[int, AllToAllGroups] = {}
-        if self._mpu_object is None:
-            self.layout = plan(self.world_size, order=self._order or DEFAULT_ORDER)
-            logger.info("mpu-bridge: standalone (no MPU), data parallel = world of %d", self.world_size)
-            return
-        self.reader = MpuReader(self._mpu_object)
-        with self.reader.snapshot():  # the MPU does not change while it is read here
-            self.reader.check_against_world(self.world_size, self.rank)
-            self.layout = self._layout_from_mpu(self._order)
-            self._borrow_mpu_groups()
-        logger.info(
-            "mpu-bridge: attached to a %s MPU (tp=%d pp=%d dp=%d cp=%d, order %s)",
-            self.reader.flavour,
-            self.layout.config.tp,
-            self.layout.config.pp,
-            self.layout.config.dp,
-            self.layout.config.cp,
-            self.layout.config.order,
-        )
+    def _build_state(self) -> State:
+        return read_state(self._mpu_object, self.world_size, self.rank, self._order, self._registry_options)
 
-    # -- staying current -------------------------------------------------------
+    # -- staying current ---------------------------------------------------------------
 
-    def _check_live(self) -> None:
-        """Refuse to serve stale groups; rebuild when the MPU was re-initialised.
+    def _live(self) -> State:
+        """The current state; raises instead of serving anything stale.
 
-        * the bridge was closed -> BridgeError;
-        * the default process group was destroyed or replaced
-          (``destroy_process_group``) -> BridgeError: every group is gone, attach again;
-        * the MPU's groups were destroyed (``destroy_model_parallel``) and not yet
-          re-created -> MpuError;
-        * the MPU answers with other group objects than the ones borrowed (it was
-          re-initialised, perhaps with other sizes) -> the bridge destroys what it
-          created, reads the MPU again and serves the new groups.
+        * closed -> BridgeError; the default group destroyed or replaced -> BridgeError;
+        * the MPU's groups destroyed and not re-created -> MpuError;
+        * the MPU re-initialised -> a new state is built (what this bridge created is
+          destroyed first); if that fails, every call raises the reason until it works.
         """
         if self._closed:
             raise BridgeError("this bridge is closed; attach again to get groups")
-        if not dist.is_initialized() or c10d._get_default_group() is not self._default_group:
-            self._closed = True
-            self.registry.close()
+        if _torch.default_group() is not self._default_group or self._default_group is None:
+            self.close()
             raise BridgeError(
                 "the default process group this bridge was attached in has been destroyed "
                 "(torch.distributed.destroy_process_group), and every group with it; "
                 "re-initialise torch.distributed and the MPU, then call mpu_bridge.attach again"
             )
-        if self.reader is None or not self._borrowed:
-            return
-        dim, info = next(iter(self._borrowed.items()))
+        state = self._state
+        if isinstance(state, State) and not mpu_changed(state):
+            return state
+        return self._rebuild()
+
+    def _rebuild(self) -> State:
+        old = self._state
+        if isinstance(old, State):
+            logger.warning("mpu-bridge: rank %d: the MPU was re-initialised; rebuilding the bridge", self.rank)
+            old.registry.close()
+            self._state = Broken("the MPU was re-initialised and is being read again")
         try:
-            current = self.reader.group(dim) if self.reader.has(dim, "group") else None
-        except MpuError:
-            current = None
-        if current is info.group and info.group in c10d._world.pg_map:
-            return
-        if current is None or current not in c10d._world.pg_map:
-            raise MpuError(
-                f"the MPU's {_DIM_NAMES[dim]} group is gone (was destroy_model_parallel called?); "
-                "re-initialise the MPU and the bridge rebuilds on the next call, or close() it"
+            state = self._build_state()
+        except BridgeError as exc:
+            self._state = Broken(
+                f"the MPU was re-initialised and the bridge cannot read it: {exc}. Every call raises "
+                "this until the MPU is readable again (or close() the bridge)"
             )
-        logger.warning("mpu-bridge: rank %d: the MPU was re-initialised; rebuilding the bridge", self.rank)
-        self.registry.close()
-        self._setup()
+            raise MpuError(self._state.reason) from None
+        self._state = state
+        return state
 
-    # -- reading the MPU -------    # -- reading the MPU -------------------------------------------------------
+    # -- the request path: family -> registry -> group info ----------------------------
 
-    def _mpu(self) -> MpuReader:
-        if self.reader is None:
-            raise BridgeError("this bridge is standalone: it has no MPU")
-        return self.reader
+    def _request(
+        self,
+        key: str,
+        label: str,
+        families: Callable[[State], Sequence[Tuple[str, Partition]]],
+        finish: Callable[[State, List[GroupInfo]], _T],
+    ) -> _T:
+        """The answer to request ``key``: made once per state (collective), then cached.
 
-    def _layout_from_mpu(self, order: Optional[str]) -> Layout:
-        sizes = self._mpu().sizes()
-        candidates = [o for o in (order, sizes.order) if o] or list(_FALLBACK_ORDERS)
-        last_error: Optional[Exception] = None
-        mismatches: List[str] = []
-        for candidate in candidates:
-            try:
-                layout = plan(
-                    self.world_size,
-                    tp=sizes.tp,
-                    pp=sizes.pp,
-                    cp=sizes.cp,
-                    ep=sizes.ep or 1,
-                    etp=sizes.etp,
-                    order=candidate,
-                )
-            except LayoutError as exc:
-                last_error = exc
-                continue
-            wrong = self._mismatching_dims(layout)
-            if not wrong:
-                return layout
-            mismatches.append(f"order {candidate!r}: {'; '.join(wrong)}")
-        if not mismatches and last_error is not None:
-            raise MpuError(f"the MPU's sizes do not form a Megatron layout: {last_error}")
-        raise MpuError(
-            "the MPU's own groups match no Megatron rank order on rank "
-            f"{self.rank}: " + " | ".join(mismatches) + "; pass attach(mpu, order=...) with its order"
-        )
-
-    def _mpu_answers(self, dim: str) -> bool:
-        """Whether the MPU gives both the group and its ranks for ``dim`` (expert dims only with ep > 1)."""
-        reader = self._mpu()
-        if dim in _EXPERT_DIMS and not reader.sizes().ep:
-            return False
-        return reader.has(dim, "group") and reader.has(dim, "ranks")
-
-    def _mismatching_dims(self, layout: Layout) -> List[str]:
-        reader = self._mpu()
-        wrong = []
-        for dim, kind in _DIM_TO_KIND.items():
-            if not self._mpu_answers(dim):
-                continue
-            theirs = sorted(reader.group_ranks(dim))
-            ours = layout.group_of(kind, self.rank)
-            if theirs != ours:
-                wrong.append(f"{dim} group {theirs} != {ours}")
-        return wrong
-
-    def _borrow_mpu_groups(self) -> None:
-        reader = self._mpu()
-        self._borrow_world_sized_mpu_group(reader)
-        for dim in _DIM_TO_KIND:
-            if not self._mpu_answers(dim):
-                continue
-            ranks = tuple(reader.group_ranks(dim))
-            group = self.registry.borrow(ranks, reader.group(dim))
-            if dim not in _DIM_NAMES:
-                continue
-            self._borrowed[dim] = GroupInfo(
-                name=_DIM_NAMES[dim], group=group, ranks=ranks, rank=ranks.index(self.rank), borrowed=True
-            )
-
-    def _borrow_world_sized_mpu_group(self, reader: MpuReader) -> None:
-        """Register an MPU group over the whole world (for :meth:`world`), if it has one.
-
-        megatron-core >= 0.11 holds ``_INTRA_DISTRIBUTED_OPTIMIZER_INSTANCE_GROUP``, the
-        whole world when there is one optimizer instance (the default). It answers no
-        dimension, so it is read here, and only kept when its ranks are the world.
+        ``families`` computes the partitions (pure; an input error there is shared
+        with the other ranks through the registry before it is raised), the registry
+        agrees and creates, ``finish`` builds the answer from the group infos.
         """
-        for name in _WORLD_SIZED_GETTERS:
-            getter = getattr(reader.mpu, name, None)
-            if not callable(getter):
-                continue
-            try:
-                group = getter()
-                ranks = tuple(dist.get_process_group_ranks(group))
-            except Exception:  # not initialised, None, or not a group: nothing to borrow
-                continue
-            if len(ranks) == self.world_size and sorted(ranks) == list(range(self.world_size)):
-                self.registry.borrow(ranks, group)
-
-    # -- creation helper ---------------------------------------------------------
-
-    def _ensure(self, names_and_partitions: Sequence[Tuple[str, Partition]]) -> List[GroupInfo]:
-        partitions = [p for _, p in names_and_partitions]
-        groups = self.registry.ensure(partitions)
-        infos = []
-        for (name, part), group in zip(names_and_partitions, groups):
-            if part.own is None or group is None:
-                raise BridgeError(f"rank {self.rank} is in no group of {part.key}")
-            borrowed = self.registry.is_borrowed(group)
-            infos.append(
-                GroupInfo(name=name, group=group, ranks=part.own, rank=part.own.index(self.rank), borrowed=borrowed)
-            )
-        return infos
-
-    def _dense(self, dim: str) -> GroupInfo:
-        """The MPU's own group for ``dim``, or one derived from the layout."""
         with self._lock:
-            self._check_live()
-            if dim in self._borrowed:
-                return self._borrowed[dim]
-            if dim in self._derived:
-                return self._derived[dim]
-            if self.reader is not None and dim in ("tp", "pp", "mp"):
-                # The MPU does not expose it; check it is not silently missing data.
-                logger.info("mpu-bridge: the %s MPU has no %s group; creating it", self.reader.flavour, dim)
-            kind = _DIM_TO_KIND[dim]
-            key = f"{_DIM_NAMES[dim]}[{self._layout_signature(self.layout)}]"
-            (info,) = self._ensure([(_DIM_NAMES[dim], _layout_partition(key, self.layout, kind, self.rank))])
-            self._derived[dim] = info
-            return info
+            state = self._live()
+            if key in state.answers:
+                return state.answers[key]
+            try:
+                named = list(families(state))
+            except BridgeError as exc:
+                state.registry.fail_round(exc, label)
+                raise
+            groups = state.registry.ensure([p for _, p in named], label=label)
+            infos = []
+            for (name, part), group in zip(named, groups):
+                if part.own is None or group is None:
+                    raise BridgeError(f"rank {self.rank} is in no group of {part.key}")
+                infos.append(GroupInfo(name, group, part.own, part.own.index(self.rank),
+                                       state.registry.is_borrowed(group)))
+            answer = finish(state, infos)
+            state.answers[key] = answer
+            return answer
 
-    @staticmethod
-    def _layout_signature(layout: Layout) -> str:
-        c = layout.config
-        return f"tp={c.tp},pp={c.pp},cp={c.cp},ep={c.ep},etp={c.etp},order={c.order}"
+    def _refuse(self, state: State, label: str, exc: BridgeError) -> BridgeError:
+        """Share an input error found before :meth:`_request` with the other ranks; return it."""
+        state.registry.fail_round(exc, label)
+        return exc
 
-    # -- dense queries -----------------------------------------------------------
+    # -- pure views (no communication) -------------------------------------------------
+
+    def _current(self) -> State:
+        """The live state; after close(), the last one (for reading counters and sizes)."""
+        with self._lock:
+            if self._closed and isinstance(self._state, State):
+                return self._state
+            return self._live()
+
+    @property
+    def layout(self) -> Layout:
+        """The layout of the MPU's groups (or of the standalone world): pure rank arithmetic."""
+        return self._current().layout
+
+    @property
+    def reader(self) -> Optional[MpuReader]:
+        """The reader of the MPU, None when standalone."""
+        return self._current().reader
+
+    @property
+    def registry(self) -> GroupRegistry:
+        """The registry holding this bridge's groups (borrowed and created)."""
+        return self._current().registry
+
+    def ranks(self, name: str, *, ep_size: Optional[int] = None) -> Tuple[int, ...]:
+        """This rank's group of ``name`` as global ranks in group-rank order; no communication.
+
+        ``name`` is a bridge method (``"data_parallel"``), a kind (``"dp"``) or an MPU
+        dimension (``"sdp"``), or ``"world"``; expert kinds need ``ep_size`` and use the
+        layout :meth:`expert_groups` gave (or would give) that size. ``len(...)`` is
+        the group's size and ``.index(bridge.rank)`` this rank's place in it.
+
+        Example: over megatron-core with tp 2 on 4 ranks, ``bridge.ranks("data_parallel")``
+        is ``(0, 2)`` on rank 0.
+        """
+        with self._lock:
+            return group_ranks(self._live(), self.rank, name, ep_size)
+
+    # -- dense groups ---------------------------------------------------------------------
 
     def tensor_parallel(self) -> GroupInfo:
-        """Tensor-parallel group (size 1 without an MPU)."""
+        """Tensor-parallel group (size 1 without an MPU). Local when the MPU has it."""
         return self._dense("tp")
 
     def pipeline_parallel(self) -> GroupInfo:
-        """Pipeline-parallel group (size 1 without an MPU)."""
+        """Pipeline-parallel group (size 1 without an MPU). Local when the MPU has it."""
         return self._dense("pp")
 
     def model_parallel(self) -> GroupInfo:
@@ -413,7 +255,7 @@ class Bridge:
         return self._dense("mp")
 
     def data_parallel(self) -> GroupInfo:
-        """Data-parallel group; without an MPU, a clone of the world group."""
+        """Data-parallel group; without an MPU, a clone of the world group (collective)."""
         return self._dense("dp")
 
     def sequence_parallel(self) -> GroupInfo:
@@ -427,24 +269,39 @@ class Bridge:
         when context parallelism is on; else the data-parallel group.
         """
         with self._lock:
-            self._check_live()
-            if "sdp" in self._borrowed:
-                return self._borrowed["sdp"]
-            if self.layout.config.cp == 1:
+            state = self._live()
+            if "dp-cp" in state.borrowed:
+                return state.borrowed["dp-cp"]
+            if state.layout.config.cp == 1:
                 return self.data_parallel()
-            return self._dense("sdp")
+            return self._dense("dp-cp")
+
+    def _dense(self, kind: str) -> GroupInfo:
+        """The MPU's own group of ``kind`` (local), or one from the layout (collective, once)."""
+        with self._lock:
+            state = self._live()
+            if kind in state.borrowed:
+                return state.borrowed[kind]
+            spec = kind_named(kind)
+            method = spec.method or kind
+            if state.reader is not None and kind in ("tp", "pp", "mp"):
+                logger.info("mpu-bridge: the %s MPU has no %s group; creating it", state.reader.flavour, kind)
+
+            def families(s: State) -> List[Tuple[str, Partition]]:
+                key = f"{method}[{partitions.layout_signature(s.layout)}]"
+                return [(method, partitions.dense(s.layout, spec.name, self.rank, key=key))]
+
+            return self._request(f"dense:{spec.name}", f"{method}()", families, lambda s, infos: infos[0])
 
     def world(self) -> GroupInfo:
         """A clone of the world group (DeepSpeed's ``_clone_world_group``); reused if one exists."""
-        with self._lock:
-            self._check_live()
-            if "world" not in self._derived:
-                layout = plan(self.world_size)  # its "dp" kind is the whole world
-                part = _layout_partition(f"world[{self.world_size}]", layout, "dp", self.rank)
-                (self._derived["world"],) = self._ensure([("world", part)])
-            return self._derived["world"]
+        return self._request(
+            "world", "world()",
+            lambda s: [("world", partitions.world(self.world_size, self.rank))],
+            lambda s, infos: infos[0],
+        )
 
-    # -- expert groups -------------------------------------------------------------
+    # -- expert groups ----------------------------------------------------------------------
 
     def expert_groups(
         self,
@@ -459,113 +316,79 @@ class Bridge:
         layout; otherwise E+D, or D+E with ``data_before_expert=True``; pipeline-aware.
         ``data_before_expert=None`` follows the MPU's order (E+D when it has none).
         Groups equal to the MPU's own expert groups are the MPU's group objects:
-        nothing is created. Asking again for the same size returns the same object.
+        nothing is created. Collective the first time per size; asking again for the
+        same size returns the same object with no communication.
 
         Example: over megatron-core initialised with tp 2, ep 2 on 4 ranks,
         ``bridge.expert_groups(2).expert_parallel.ranks`` is ``(0, 2)`` on rank 0.
         """
-        name = f"ep_size_{ep_size}"
+        label = f"expert_groups({ep_size!r})"
         with self._lock:
-            self._check_live()
-            existing = self._experts.get(name)
-            if data_before_expert is None:
-                data_before_expert = (
-                    existing.data_before_expert if existing is not None else self._mpu_puts_data_before_expert()
-                )
-            data_before_expert = bool(data_before_expert)
-            if existing is not None:
-                if (existing.data_before_expert, existing.expert_tensor_parallel) != (
-                    data_before_expert,
-                    expert_tensor_parallel,
-                ):
-                    raise BridgeError(
-                        f"{name} already exists with data_before_expert={existing.data_before_expert}, "
-                        f"expert_tensor_parallel={existing.expert_tensor_parallel}; one expert size has "
-                        "one layout (DeepSpeed names groups by size alone)"
-                    )
-                return existing
-            layout = self._expert_plan(ep_size, data_before_expert, expert_tensor_parallel)
-            sig = self._layout_signature(layout)
-            ep_info, edp_info = self._ensure(
-                [
-                    ("expert_parallel", _layout_partition(f"expert_parallel[{sig}]", layout, "ep", self.rank)),
-                    (
-                        "expert_data_parallel",
-                        _layout_partition(f"expert_data_parallel[{sig}]", layout, "edp", self.rank),
-                    ),
+            state = self._live()
+            try:
+                size = positive_int("ep_size", ep_size)
+                before = optional_bool("data_before_expert", data_before_expert, LayoutError)
+                etp_on = boolean("expert_tensor_parallel", expert_tensor_parallel, LayoutError)
+            except BridgeError as exc:
+                raise self._refuse(state, label, exc) from None
+            name = f"ep_size_{size}"
+            existing = state.answers.get(f"experts:{name}")
+            if isinstance(existing, ExpertGroups):
+                return self._same_expert_options(existing, before, etp_on)
+            if before is None:
+                before = puts_data_before_expert(state)
+
+            def families(s: State) -> List[Tuple[str, Partition]]:
+                layout = expert_layout(s, size, before, etp_on)
+                sig = partitions.layout_signature(layout)
+                return [
+                    ("expert_parallel", partitions.dense(layout, "ep", self.rank, key=f"expert_parallel[{sig}]")),
+                    ("expert_data_parallel",
+                     partitions.dense(layout, "edp", self.rank, key=f"expert_data_parallel[{sig}]")),
                 ]
-            )
-            ep_info = self._prefer_mpu_group("ep", ep_info)
-            edp_info = self._prefer_mpu_group("edp", edp_info)
-            groups = ExpertGroups(
-                name=name,
-                ep_size=ep_size,
-                expert_parallel=ep_info,
-                expert_data_parallel=edp_info,
-                layout=layout,
-                data_before_expert=data_before_expert,
-                expert_tensor_parallel=expert_tensor_parallel,
-            )
-            self._experts[name] = groups
-            return groups
 
-    def _mpu_puts_data_before_expert(self) -> bool:
-        """Whether the MPU's order places ``dp`` before ``ep`` (DeepSpeed's D+E)."""
-        tokens = expert_order(self.layout.config.order).split("-")
-        return tokens.index("dp") < tokens.index("ep")
+            def finish(s: State, infos: List[GroupInfo]) -> ExpertGroups:
+                layout = expert_layout(s, size, before, etp_on)
+                ep_info, edp_info = (prefer_mpu_group(s, k, i) for k, i in zip(("ep", "edp"), infos))
+                return ExpertGroups(name, size, ep_info, edp_info, layout, bool(before), etp_on)
 
-    def _prefer_mpu_group(self, dim: str, info: GroupInfo) -> GroupInfo:
-        """The MPU's own ``dim`` group when it has exactly ``info``'s ranks, else ``info``.
+            return self._request(f"experts:{name}", label, families, finish)
 
-        The registry keeps one group per rank set, the first borrowed (e.g. the data-
-        parallel group); megatron-core builds a separate expert communicator over the
-        same ranks, and expert code should run on that one. Every member decides alike:
-        the condition depends only on the rank set.
-        """
-        own = self._borrowed.get(dim)
-        if own is None or sorted(own.ranks) != sorted(info.ranks):
-            return info
-        return GroupInfo(name=info.name, group=own.group, ranks=own.ranks, rank=own.rank, borrowed=True)
+    @staticmethod
+    def _same_expert_options(existing: ExpertGroups, before: Optional[bool], etp_on: bool) -> ExpertGroups:
+        if (before is None or before == existing.data_before_expert) and etp_on == existing.expert_tensor_parallel:
+            return existing
+        raise BridgeError(
+            f"{existing.name} already exists with data_before_expert={existing.data_before_expert}, "
+            f"expert_tensor_parallel={existing.expert_tensor_parallel}; one expert size has "
+            "one layout (DeepSpeed names groups by size alone)"
+        )
 
-    def _expert_plan(self, ep_size: int, data_before_expert: bool, expert_tensor_parallel: bool) -> Layout:
-        """The MPU's layout with expert parallelism ``ep_size`` added.
-
-        Expert-TP is the MPU's own expert-TP size when it reports one, else TP
-        (``expert_tensor_parallel=False``: 1). ``ep`` comes just before ``dp`` in the
-        MPU's order (E+D), or just after it with ``data_before_expert`` (D+E): with
-        Megatron's default order these are exactly DeepSpeed's E+M+D / D+E / E+D
-        layouts (see :func:`mpu_bridge.deepspeed_layouts.expert_layout`).
-        """
-        c = self.layout.config
-        order = expert_order(c.order, data_before_expert)
-        mpu_etp = self.reader.sizes().etp if self.reader is not None else None
-        etp = (mpu_etp or c.tp) if expert_tensor_parallel else 1
-        return plan(self.world_size, tp=c.tp, pp=c.pp, cp=c.cp, ep=ep_size, etp=etp, order=order)
+    def _experts(self) -> Dict[str, ExpertGroups]:
+        state = self._live()
+        return {v.name: v for k, v in state.answers.items() if k.startswith("experts:")}
 
     def expert_group_names(self) -> Tuple[str, ...]:
+        """Names of the expert groups made so far (local)."""
         with self._lock:
-            self._check_live()
-            return tuple(self._experts)
+            return tuple(self._experts())
 
     def get_expert_groups(self, name: str) -> ExpertGroups:
-        """The expert groups created under ``name`` (``"ep_size_4"``)."""
+        """The expert groups created under ``name`` (``"ep_size_4"``); local."""
         with self._lock:
-            self._check_live()
-            try:
-                return self._experts[name]
-            except KeyError:
-                known = ", ".join(self._experts) or "none yet"
-                raise BridgeError(
-                    f"no expert groups named {name!r} (created: {known}); call expert_groups(ep_size) first"
-                ) from None
+            experts = self._experts()
+            if name in experts:
+                return experts[name]
+            known = ", ".join(experts) or "none yet"
+            raise BridgeError(f"no expert groups named {name!r} (created: {known}); call expert_groups(ep_size) first")
 
     def max_expert_size(self) -> int:
-        """The largest expert-parallel size created so far."""
+        """The largest expert-parallel size created so far (local)."""
         with self._lock:
-            self._check_live()
-            if not self._experts:
+            experts = self._experts()
+            if not experts:
                 raise BridgeError("no expert groups yet; call expert_groups(ep_size) first")
-            return max(g.ep_size for g in self._experts.values())
+            return max(g.ep_size for g in experts.values())
 
     def max_expert_size_name(self) -> str:
         return f"ep_size_{self.max_expert_size()}"
@@ -581,29 +404,35 @@ class Bridge:
         Without model parallelism: contiguous blocks over the world (DeepSpeed's
         behaviour). With TP or PP > 1: consecutive blocks of this rank's
         sequence-data-parallel group, so a block never mixes model-parallel ranks.
-        A size larger than that group is clamped to it, as DeepSpeed does. Asking
-        twice for a size returns the same group; several sizes may coexist.
+        A size larger than that group is clamped to it, as DeepSpeed does (logged
+        once as a warning). Collective the first time per size; several sizes may coexist.
         """
-        c = self.layout.config
-        if isinstance(partition_size, bool) or not isinstance(partition_size, int) or partition_size < 1:
-            raise LayoutError(f"partition_size must be a positive integer, got {partition_size!r}")
+        label = f"zero_param_groups({partition_size!r})"
         with self._lock:
-            self._check_live()
-            if partition_size in self._zero:
-                return self._zero[partition_size]
-            kind = "dp-cp"
-            span = self.layout.size(kind)
-            block = min(partition_size, span)
-            if span % block:
-                raise LayoutError(
-                    f"hpZ partition size {partition_size} does not divide the data-parallel size "
-                    f"{span} (dp={c.dp}, cp={c.cp}); choose a divisor of {span}"
-                )
-            key = f"zero_param_intra[{block},{self._layout_signature(self.layout)}]"
-            part = _block_partition(key, self.layout, kind, block, self.rank)
-            (info,) = self._ensure([("zero_param_intra_parallel", part)])
-            self._zero[partition_size] = info
-            return info
+            state = self._live()
+            try:
+                size = positive_int("partition_size", partition_size)
+            except BridgeError as exc:
+                raise self._refuse(state, label, exc) from None
+
+            def families(s: State) -> List[Tuple[str, Partition]]:
+                block = partitions.hpz_block(s.layout, size)
+                if block < size:
+                    self._warn_clamp(size, block, s.layout)
+                return [("zero_param_intra_parallel", partitions.hpz(s.layout, block, self.rank))]
+
+            return self._request(f"zero:{size}", label, families, lambda s, infos: infos[0])
+
+    def _warn_clamp(self, size: int, block: int, layout: Layout) -> None:
+        if size in self._warned_clamp:
+            return
+        self._warned_clamp.add(size)
+        c = layout.config
+        logger.warning(
+            "mpu-bridge: hpZ partition size %d is larger than the data-parallel group (dp=%d, cp=%d: %d ranks); "
+            "using blocks of %d, as DeepSpeed does",
+            size, c.dp, c.cp, block, block,
+        )
 
     # -- all-to-all --------------------------------------------------------------------
 
@@ -611,72 +440,31 @@ class Bridge:
         """Node-local and cross-node groups, as DeepSpeed's ``_get_local_all_to_all_group``.
 
         GPUs per node come from the argument, then ``attach(gpus_per_node=...)``,
-        then ``LOCAL_WORLD_SIZE``, then the accelerator count.
+        then ``LOCAL_WORLD_SIZE``, then the accelerator count. Collective the first
+        time per node size.
         """
-        gpn = self._resolve_gpus_per_node(gpus_per_node)
+        label = f"all_to_all_groups({gpus_per_node!r})"
         with self._lock:
-            self._check_live()
-            if gpn in self._all_to_all:
-                return self._all_to_all[gpn]
-            world = self.world_size
-            if world <= gpn:
-                gpn_eff = world
-            elif world % gpn:
-                raise LayoutError(
-                    f"world size {world} does not divide into nodes of {gpn} GPUs "
-                    f"({world // gpn} full nodes and {world % gpn} ranks left over); "
-                    "pass the right gpus_per_node"
-                )
-            else:
-                gpn_eff = gpn
-            nodes = world // gpn_eff
-            layout = plan(world, tp=gpn_eff)  # "tp" = node-local, "dp" = across nodes
-            parts = [("local", _layout_partition(f"all_to_all_local[{gpn_eff}]", layout, "tp", self.rank))]
-            if nodes > 1:
-                parts.append(
-                    ("cross_node", _layout_partition(f"all_to_all_global[{gpn_eff}]", layout, "dp", self.rank))
-                )
-            infos = self._ensure(parts)
-            result = AllToAllGroups(
-                gpus_per_node=gpn_eff,
-                num_nodes=nodes,
-                local=infos[0],
-                cross_node=infos[1] if nodes > 1 else None,
-            )
-            self._all_to_all[gpn] = result
-            return result
-
-    def _resolve_gpus_per_node(self, gpus_per_node: Optional[int]) -> int:
-        for source, value in (
-            ("gpus_per_node", gpus_per_node),
-            ("attach(gpus_per_node=...)", self._gpus_per_node),
-            ("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_WORLD_SIZE")),
-        ):
-            if value is None:
-                continue
+            state = self._live()
             try:
-                number = int(value)
-            except (TypeError, ValueError):
-                raise LayoutError(f"{source} must be a positive integer, got {value!r}") from None
-            if number < 1:
-                raise LayoutError(f"{source} must be a positive integer, got {number}")
-            return number
-        import torch
+                gpn = resolve_gpus_per_node(gpus_per_node, self._gpus_per_node)
+                eff, nodes = partitions.all_to_all_nodes(self.world_size, gpn)
+            except BridgeError as exc:
+                raise self._refuse(state, label, exc) from None
 
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count < 1:
-            raise LayoutError(
-                "cannot tell how many GPUs a node has: pass gpus_per_node=N, set LOCAL_WORLD_SIZE, "
-                "or run where an accelerator is visible"
-            )
-        return count
+            def families(s: State) -> List[Tuple[str, Partition]]:
+                parts = partitions.all_to_all(self.world_size, gpn, self.rank)
+                return list(zip(("local", "cross_node"), parts))
+
+            def finish(s: State, infos: List[GroupInfo]) -> AllToAllGroups:
+                return AllToAllGroups(eff, nodes, infos[0], infos[1] if nodes > 1 else None)
+
+            return self._request(f"a2a:{gpn}", label, families, finish)
 
     # -- adapters & lifecycle ------------------------------------------------------------
 
     def as_legacy_mpu(self) -> Any:
         """An object with the whole ``mpu`` surface DeepSpeed calls (see :mod:`mpu_bridge.legacy_mpu`)."""
-        from .legacy_mpu import LegacyMpu
-
         return LegacyMpu(self)
 
     @property
@@ -685,7 +473,7 @@ class Bridge:
         return self.registry.strategy
 
     def stats(self) -> Dict[str, int]:
-        """Counters of this rank's groups: created, borrowed, reused."""
+        """Counters of this rank's groups: created, borrowed, reused, agreements."""
         return self.registry.stats()
 
     def close(self) -> None:
@@ -694,11 +482,9 @@ class Bridge:
             if self._closed:
                 return
             self._closed = True
-            self.registry.close()
-            self._derived.clear()
-            self._experts.clear()
-            self._zero.clear()
-            self._all_to_all.clear()
+            if isinstance(self._state, State):
+                self._state.registry.close()
+                self._state.answers.clear()
 
     def __enter__(self) -> "Bridge":
         return self
@@ -707,26 +493,14 @@ class Bridge:
         self.close()
 
 
-_DIM_NAMES = {
-    "tp": "tensor_parallel",
-    "pp": "pipeline_parallel",
-    "dp": "data_parallel",
-    "cp": "sequence_parallel",
-    "sdp": "sequence_data_parallel",
-    "mp": "model_parallel",
-    "ep": "expert_parallel",
-    "edp": "expert_data_parallel",
-    "etp": "expert_tensor_parallel",
-}
-
-
 def attach(mpu: Optional[object] = None, **options: Any) -> Bridge:
     """Build a :class:`Bridge` over ``mpu`` (a module or object), or standalone when ``None``.
 
-    Options: ``backend``, ``timeout``, ``pg_options``, ``strategy`` ("auto",
-    "split_group", "local_new_group", "new_group"), ``agreement_timeout`` (s),
-    ``verify_plan``, ``order`` (the MPU's rank order if it cannot be read or
-    inferred), ``gpus_per_node``.
+    Options: ``backend``, ``timeout`` (a timedelta: bounds creating each group),
+    ``pg_options``, ``strategy`` ("auto", "split_group", "local_new_group",
+    "new_group"), ``agreement_timeout`` (seconds: bounds each cross-rank agreement),
+    ``verify_plan``, ``order`` (the MPU's rank order, if it cannot be inferred),
+    ``gpus_per_node``. Reading the MPU is local: no communication.
 
     Example::
 

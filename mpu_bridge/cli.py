@@ -1,10 +1,12 @@
 """The ``mpu-bridge`` command (also ``python -m mpu_bridge``).
 
 ``mpu-bridge plan`` is a dry run of the rank layout at any world size: no
-processes, no torch (this module imports only the pure layout modules, so the
-planner answers in a fraction of a second even at a million ranks)::
+processes, no torch (this module imports only the pure layout modules). Its time
+and memory are bounded by what it prints, not by the world: groups are described
+by their geometry and long listings are cut (and say so), so it answers in a
+fraction of a second at 2**24 or 2**62 ranks::
 
-    mpu-bridge plan --world-size 64 --tp 2 --pp 2 --ep 4 --gpus-per-node 8 --rank 13
+    mpu-bridge plan --world-size 64 --tp 2 --pp 2 --ep 4 --gpus-per-node 8 --rank 13 --hpz 4
     mpu-bridge plan --world-size 64 --tp 2 --pp 2 --ep 4 --gpus-per-node 8 \\
         --format svg --color-by ep --output plan.svg
 
@@ -28,7 +30,17 @@ from typing import Callable, Optional, Sequence, Tuple
 from . import __version__
 from .errors import BridgeError
 from .layout import DEFAULT_ORDER, KINDS, Layout, plan
-from .render import default_color_kind, render_json, render_svg, render_text
+from .planrows import PlanRow, all_to_all_rows, hpz_row
+from .render import (
+    MAX_LISTED_GROUPS,
+    MAX_LISTED_MEMBERS,
+    MAX_LISTED_RANKS,
+    default_color_kind,
+    render_json,
+    render_svg,
+    render_text,
+)
+from .validate import arg_positive_int
 
 __all__ = ["Subcommand", "build_parser", "main", "subcommands"]
 
@@ -64,12 +76,9 @@ def _max_groups(text: str) -> object:
     if text.strip().lower() == _ALL:
         return _ALL
     try:
-        value = int(text)
-    except ValueError:
+        return arg_positive_int(text)
+    except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(f"expected a positive integer or 'all', got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer or 'all', got {value}")
-    return value
 
 
 def _add_plan_arguments(parser: argparse.ArgumentParser) -> None:
@@ -92,7 +101,14 @@ def _add_plan_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         metavar="N",
-        help="GPUs per node: shows which groups cross nodes",
+        help="GPUs per node: shows which groups cross nodes, and the all-to-all groups",
+    )
+    sizes.add_argument(
+        "--hpz",
+        type=int,
+        default=None,
+        metavar="N",
+        help="also show ZeRO++ hpZ groups: blocks of N ranks of each dp x cp group",
     )
     output = parser.add_argument_group("output")
     output.add_argument(
@@ -119,22 +135,36 @@ def _add_plan_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N|all",
         help=f"groups listed per kind (text: up to {_TEXT_MAX_GROUPS} that fit the line; "
         f"json: {_JSON_MAX_GROUPS}); svg: draw enough nodes to cover the first N groups of "
-        f"--color-by (default {_SVG_COVER_GROUPS})",
+        f"--color-by (default {_SVG_COVER_GROUPS}). Output stays bounded: text lists at most "
+        f"{MAX_LISTED_GROUPS} groups per kind, json at most {MAX_LISTED_MEMBERS} members per "
+        f"group and {MAX_LISTED_RANKS} ranks per kind, svg at most 512 cells; what is cut is marked",
     )
+
+
+def _extra_rows(layout: Layout, args: argparse.Namespace) -> Tuple[PlanRow, ...]:
+    """The rows beyond the layout's kinds: hpZ with ``--hpz``, all-to-all with ``--gpus-per-node``."""
+    rows: Tuple[PlanRow, ...] = ()
+    if args.hpz is not None:
+        rows += (hpz_row(layout, args.hpz),)
+    if layout.config.gpus_per_node is not None:
+        rows += all_to_all_rows(layout)
+    return rows
 
 
 def _render_plan(layout: Layout, args: argparse.Namespace) -> str:
     limit = args.max_groups
+    extra = _extra_rows(layout, args)
     if args.format == "json":
         max_groups = _JSON_MAX_GROUPS if limit is None else (None if limit == _ALL else limit)
-        return render_json(layout, rank=args.rank, max_groups=max_groups)
+        return render_json(layout, rank=args.rank, max_groups=max_groups, extra=extra)
     if args.format == "svg":
         cover = _SVG_COVER_GROUPS if limit is None else (None if limit == _ALL else limit)
         color_by = args.color_by or default_color_kind(layout)
         return render_svg(layout, color_by=color_by, rank=args.rank, max_groups=cover)
     if limit is None:
-        return render_text(layout, rank=args.rank, max_groups=_TEXT_MAX_GROUPS)
-    return render_text(layout, rank=args.rank, max_groups=None if limit == _ALL else limit, fit_width=None)
+        return render_text(layout, rank=args.rank, max_groups=_TEXT_MAX_GROUPS, extra=extra)
+    max_groups = None if limit == _ALL else limit
+    return render_text(layout, rank=args.rank, max_groups=max_groups, fit_width=None, extra=extra)
 
 
 def _run_plan(args: argparse.Namespace) -> int:
@@ -148,7 +178,13 @@ def _run_plan(args: argparse.Namespace) -> int:
         order=args.order,
         gpus_per_node=args.gpus_per_node,
     )
-    text = _render_plan(layout, args)  # all validation happens before anything is written
+    try:
+        text = _render_plan(layout, args)  # all validation happens before anything is written
+    except MemoryError:  # a safety net: rendering is bounded by its output, so this is a bug
+        raise BridgeError(
+            f"out of memory while rendering the plan of {layout.world_size} ranks; this is a bug "
+            "(the planner's memory should not grow with the world): please report the command"
+        ) from None
     if args.output is None:
         _write_stdout(text)
         return 0
@@ -232,6 +268,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     Example: ``main(["plan", "--world-size", "8", "--tp", "2"])`` prints the table, returns 0.
     """
     parser = build_parser()
+    if argv is not None and (isinstance(argv, (str, bytes)) or not all(isinstance(a, str) for a in argv)):
+        print(
+            f"{_PROG}: error: arguments must be a list of strings such as ['plan', '--world-size', '8'], "
+            f"got {argv!r}",
+            file=sys.stderr,
+        )
+        return 2
     try:
         args = parser.parse_args(None if argv is None else list(argv))
     except SystemExit as stop:  # argparse: --help / --version (0) or a usage error (2)

@@ -7,7 +7,10 @@ dropped by :func:`reset`. Differences from the reference, all deliberate:
 * source ranks come from the group's own ranks (``ranks[0]``), also for strided groups;
 * asking twice for hpZ groups of the same size is a no-op, not an error;
 * ``_zero_param_parallel_is_initialized`` returns a real bool;
-* unknown group names raise :class:`~mpu_bridge.errors.BridgeError`, not ``AssertionError``.
+* unknown group names raise :class:`~mpu_bridge.errors.BridgeError`, not ``AssertionError``;
+* sizes, ranks, rank lists and source ranks are arithmetic: no communication, so they
+  may be called on any single rank (e.g. for logging); only the ``*_group`` getters
+  and the ``_create_*`` functions may be collective (the first time).
 
 Importing this module does not import torch; the first group query does.
 
@@ -20,10 +23,11 @@ Example::
 from __future__ import annotations
 
 import threading
-from typing import TYPE_CHECKING, Any, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 from .deepspeed_layouts import _get_expert_parallel_ranks
 from .errors import BridgeError
+from .validate import positive_int
 
 if TYPE_CHECKING:  # pragma: no cover
     from .bridge import Bridge, ExpertGroups, GroupInfo
@@ -98,6 +102,10 @@ class _DefaultBridge:
             return self._bridge
 
     def set_mpu(self, mpu: Optional[object]) -> None:
+        if mpu is not None:
+            from .mpu import check_is_mpu
+
+            check_is_mpu(mpu)
         with self._lock:
             if self._bridge is not None and mpu is self._mpu:
                 return
@@ -121,7 +129,7 @@ class _DefaultBridge:
             if self._bridge is None or mpu is self._mpu:
                 self.set_mpu(mpu)
                 return
-            if isinstance(mpu, LegacyMpu) and object.__getattribute__(mpu, "_bridge") is self._bridge:
+            if isinstance(mpu, LegacyMpu) and mpu.bridge is self._bridge:
                 return
             sizes = MpuReader(mpu).sizes()
             c = self._bridge.layout.config
@@ -130,6 +138,27 @@ class _DefaultBridge:
                     f"the MPU given (tp={sizes.tp}, pp={sizes.pp}, cp={sizes.cp}) differs from the one the "
                     f"groups were built on (tp={c.tp}, pp={c.pp}, cp={c.cp}); call reset() first"
                 )
+
+    def create_zero(self, group_size: int) -> None:
+        """hpZ groups of ``group_size``; the same size again is a no-op, another size an error."""
+        with self._lock:
+            if self._zero_size is not None and self._zero_size != group_size:
+                raise BridgeError(
+                    f"hpZ groups of size {self._zero_size} already exist; DeepSpeed's getters take no "
+                    f"size, so size {group_size} cannot be added here (use Bridge.zero_param_groups for several)"
+                )
+            self.get().zero_param_groups(group_size)
+            self._zero_size = group_size
+
+    def zero_info(self) -> "GroupInfo":
+        """The hpZ group made by :meth:`create_zero` (local: it exists already)."""
+        with self._lock:
+            if self._zero_size is None:
+                raise BridgeError("no hpZ groups yet; call _create_zero_param_parallel_group(size) first")
+            return self.get().zero_param_groups(self._zero_size)
+
+    def zero_initialized(self) -> bool:
+        return self._zero_size is not None
 
     def uses_ulysses(self) -> bool:
         reader = self.get().reader
@@ -181,6 +210,10 @@ def _create_expert_and_data_parallel(
         raise BridgeError("folding_spec (DeepSpeed AutoEP folding tables) is not supported by mpu-bridge")
     if mp_mode not in ("tp", "sp"):
         raise BridgeError(f"mp_mode must be 'tp' or 'sp', got {mp_mode!r}")
+    if mp_size is not None:
+        mp_size = positive_int("mp_size", mp_size)
+    if pp_size is not None:
+        pp_size = positive_int("pp_size", pp_size)
     if mp_size is not None and mp_size > 1 and mp_mode == "tp":
         raise BridgeError(
             f"mp_size={mp_size} with mp_mode='tp' is DeepSpeed's TP-strided AutoEP layout, whose "
@@ -308,36 +341,46 @@ def _get_data_parallel_group() -> Any:
     return _default.get().data_parallel().group
 
 
+def _ranks(method: str) -> Tuple[int, ...]:
+    """This rank's group of ``method`` by arithmetic: no communication."""
+    return _default.get().ranks(method)
+
+
+def _rank_in(method: str) -> int:
+    bridge = _default.get()
+    return bridge.ranks(method).index(bridge.rank)
+
+
 def _get_data_parallel_group_ranks() -> List[int]:
-    return list(_default.get().data_parallel().ranks)
+    return list(_ranks("data_parallel"))
 
 
 def _get_data_parallel_world_size() -> Optional[int]:
     if _default.uses_ulysses():
         return None
-    return _default.get().data_parallel().world_size
+    return len(_ranks("data_parallel"))
 
 
 def _get_data_parallel_rank() -> int:
-    return _default.get().data_parallel().rank
+    return _rank_in("data_parallel")
 
 
 def _get_model_parallel_world_size() -> int:
     if _default.uses_ulysses():
         return 1
-    return _default.get().model_parallel().world_size
+    return len(_ranks("model_parallel"))
 
 
 def _get_broadcast_src_rank() -> int:
-    return _default.get().sequence_data_parallel().src_rank
+    return _ranks("sequence_data_parallel")[0]
 
 
 def _get_sequence_parallel_world_size() -> int:
-    return _default.get().sequence_parallel().world_size
+    return len(_ranks("sequence_parallel"))
 
 
 def _get_sequence_parallel_rank() -> int:
-    return _default.get().sequence_parallel().rank
+    return _rank_in("sequence_parallel")
 
 
 def _get_sequence_parallel_group() -> Any:
@@ -345,11 +388,11 @@ def _get_sequence_parallel_group() -> Any:
 
 
 def _get_sequence_data_parallel_world_size() -> int:
-    return _default.get().sequence_data_parallel().world_size
+    return len(_ranks("sequence_data_parallel"))
 
 
 def _get_sequence_data_parallel_rank() -> int:
-    return _default.get().sequence_data_parallel().rank
+    return _rank_in("sequence_data_parallel")
 
 
 def _get_sequence_data_parallel_group() -> Any:
@@ -359,21 +402,11 @@ def _get_sequence_data_parallel_group() -> Any:
 def _create_zero_param_parallel_group(group_size: int) -> None:
     """ZeRO++ hpZ groups. Asking again for the same size is a no-op (DeepSpeed raises);
     a different size is an error, since the getters below take no size."""
-    with _default._lock:
-        if _default._zero_size is not None and _default._zero_size != group_size:
-            raise BridgeError(
-                f"hpZ groups of size {_default._zero_size} already exist; DeepSpeed's getters take no "
-                f"size, so size {group_size} cannot be added here (use Bridge.zero_param_groups for several)"
-            )
-        _default.get().zero_param_groups(group_size)
-        _default._zero_size = group_size
+    _default.create_zero(group_size)
 
 
 def _zero_info() -> "GroupInfo":
-    with _default._lock:
-        if _default._zero_size is None:
-            raise BridgeError("no hpZ groups yet; call _create_zero_param_parallel_group(size) first")
-        return _default.get().zero_param_groups(_default._zero_size)
+    return _default.zero_info()
 
 
 def _get_zero_param_intra_parallel_group() -> Any:
@@ -382,7 +415,7 @@ def _get_zero_param_intra_parallel_group() -> Any:
 
 def _zero_param_parallel_is_initialized() -> bool:
     """Whether hpZ groups exist (a real bool, unlike the reference's None)."""
-    return _default._zero_size is not None
+    return _default.zero_initialized()
 
 
 def _get_zero_param_intra_parallel_rank_in_mygroup() -> int:

@@ -50,8 +50,9 @@ from __future__ import annotations
 
 from typing import Any, Iterator, List, Tuple
 
+from . import partitions
 from .errors import LayoutError
-from .layout import DEFAULT_ORDER, Layout, _positive_int, plan
+from .layout import Layout, _positive_int, plan
 
 __all__ = [
     "DATA_BEFORE_EXPERT_ORDER",
@@ -81,7 +82,8 @@ def expert_layout(
     data_before_expert: bool = False,
     expert_tensor_parallel: bool = True,
 ) -> Layout:
-    """The :class:`Layout` whose ``"ep"`` and ``"edp"`` groups are DeepSpeed's, as sets.
+    """The :class:`Layout` whose ``"ep"`` and ``"edp"`` groups are DeepSpeed's, as sets
+    (the expert family :func:`mpu_bridge.partitions.expert_layout` over the dense layout).
 
     ``expert_tensor_parallel=True``: DeepSpeed's ``"model_parallel"`` path (expert-TP
     = ``tp``), whose EP groups the ``"tp_strided"`` path shares; ``False``: the
@@ -93,63 +95,32 @@ def expert_layout(
         >>> expert_layout(16, ep=2, expert_tensor_parallel=False).groups("edp")
         [[0, 2, 4, 6, 8, 10, 12, 14], [1, 3, 5, 7, 9, 11, 13, 15]]
     """
+    dense = plan(world_size, tp=tp, pp=pp)  # Megatron's default order; D + E puts dp before ep
     etp = tp if expert_tensor_parallel else 1
-    order = DATA_BEFORE_EXPERT_ORDER if data_before_expert else DEFAULT_ORDER
-    return plan(world_size, tp=tp, pp=pp, ep=ep, etp=etp, order=order)
+    return partitions.expert_layout(dense, ep, data_before_expert=bool(data_before_expert), etp=etp)
 
 
-def _checked_layout(
-    world_size: Any, ep: Any, tp: Any, pp: Any, data_before_expert: bool, path: Any
-) -> Layout:
-    """Validate like DeepSpeed (but with LayoutError, never assert) and return the layout."""
-    if path not in DEEPSPEED_PATHS:
+def _model_parallel_layout(world: int, ep: int, tp: int, pp: int, data_before_expert: bool) -> Layout:
+    """``"model_parallel"``: DeepSpeed's ``_get_expert_parallel_ranks`` checks, then the layout."""
+    if world % (tp * pp):
         raise LayoutError(
-            f"unknown DeepSpeed path {path!r}; known paths: {', '.join(DEEPSPEED_PATHS)}"
+            f"world size {world} is not divisible by tp·pp = {tp * pp} (tp={tp}, pp={pp}), "
+            "as DeepSpeed's _get_expert_parallel_ranks requires; choose sizes whose "
+            "product divides the world size"
         )
-    world = _positive_int("world_size", world_size)
-    ep = _positive_int("ep", ep)
-    tp = _positive_int("tp", tp)
-    pp = _positive_int("pp", pp)
-    if world % pp:
+    dp = world // (tp * pp)
+    if dp % ep:
         raise LayoutError(
-            f"world size {world} is not divisible by pp = {pp}: the pipeline stages would "
-            "not be equal; choose a pp that divides the world size"
+            f"the data-parallel size world/(tp·pp) = {world}/{tp * pp} = {dp} is not "
+            f"divisible by ep = {ep}, as DeepSpeed's _get_expert_parallel_ranks requires; "
+            f"choose an ep that divides {dp}"
         )
+    return expert_layout(world, ep=ep, tp=tp, pp=pp, data_before_expert=data_before_expert)
+
+
+def _tp_strided_layout(world: int, ep: int, tp: int, pp: int, data_before_expert: bool) -> Layout:
+    """``"tp_strided"`` with ``tp > 1``: DeepSpeed's checks for its TP-strided ordering, then the layout."""
     stage = world // pp
-    if path == "model_parallel":
-        if world % (tp * pp):
-            raise LayoutError(
-                f"world size {world} is not divisible by tp·pp = {tp * pp} (tp={tp}, pp={pp}), "
-                "as DeepSpeed's _get_expert_parallel_ranks requires; choose sizes whose "
-                "product divides the world size"
-            )
-        dp = world // (tp * pp)
-        if dp % ep:
-            raise LayoutError(
-                f"the data-parallel size world/(tp·pp) = {world}/{tp * pp} = {dp} is not "
-                f"divisible by ep = {ep}, as DeepSpeed's _get_expert_parallel_ranks requires; "
-                f"choose an ep that divides {dp}"
-            )
-        return expert_layout(
-            world, ep=ep, tp=tp, pp=pp, data_before_expert=data_before_expert
-        )
-    if stage % ep:
-        raise LayoutError(
-            f"a pipeline stage of world/pp = {world}/{pp} = {stage} ranks is not divisible "
-            f"by ep = {ep}, as DeepSpeed's _create_expert_and_data_parallel requires; "
-            f"choose an ep that divides {stage}"
-        )
-    if path == "legacy" or tp == 1:
-        # DeepSpeed's mp_size <= 1 branch; the dense tp only has to fit the world.
-        return expert_layout(
-            world,
-            ep=ep,
-            tp=tp,
-            pp=pp,
-            data_before_expert=data_before_expert,
-            expert_tensor_parallel=False,
-        )
-    # tp_strided with tp > 1
     if data_before_expert:
         raise LayoutError(
             f"DeepSpeed's _create_expert_and_data_parallel does not support D + E "
@@ -171,6 +142,40 @@ def _checked_layout(
             f"layout describes; choose an ep that divides {dp}"
         )
     return expert_layout(world, ep=ep, tp=tp, pp=pp)
+
+
+def _checked_layout(
+    world_size: Any, ep: Any, tp: Any, pp: Any, data_before_expert: bool, path: Any
+) -> Layout:
+    """Validate like DeepSpeed (but with LayoutError, never assert) and return the layout."""
+    if path not in DEEPSPEED_PATHS:
+        raise LayoutError(
+            f"unknown DeepSpeed path {path!r}; known paths: {', '.join(DEEPSPEED_PATHS)}"
+        )
+    world = _positive_int("world_size", world_size)
+    ep = _positive_int("ep", ep)
+    tp = _positive_int("tp", tp)
+    pp = _positive_int("pp", pp)
+    if world % pp:
+        raise LayoutError(
+            f"world size {world} is not divisible by pp = {pp}: the pipeline stages would "
+            "not be equal; choose a pp that divides the world size"
+        )
+    if path == "model_parallel":
+        return _model_parallel_layout(world, ep, tp, pp, data_before_expert)
+    stage = world // pp
+    if stage % ep:
+        raise LayoutError(
+            f"a pipeline stage of world/pp = {world}/{pp} = {stage} ranks is not divisible "
+            f"by ep = {ep}, as DeepSpeed's _create_expert_and_data_parallel requires; "
+            f"choose an ep that divides {stage}"
+        )
+    if path == "legacy" or tp == 1:
+        # DeepSpeed's mp_size <= 1 branch; the dense tp only has to fit the world.
+        return expert_layout(
+            world, ep=ep, tp=tp, pp=pp, data_before_expert=data_before_expert, expert_tensor_parallel=False
+        )
+    return _tp_strided_layout(world, ep, tp, pp, data_before_expert)
 
 
 def _coordinates(layout: Layout, *tokens: str) -> Iterator[int]:

@@ -27,13 +27,15 @@ Example::
 from __future__ import annotations
 
 import functools
-import itertools
 import math
-import operator
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
 from .errors import LayoutError
+from .groupview import GroupView, partition_fits_nodes
+from .kinds import KINDS as KIND_ROWS
+from .kinds import Kind
+from .validate import integer, optional_bool, optional_count, positive_int
 
 __all__ = [
     "DEFAULT_ORDER",
@@ -62,50 +64,17 @@ _TOKEN_NAMES = {
 }
 
 
-@dataclass(frozen=True)
-class KindSpec:
-    """What a group kind is: which grid it is read from and which of its dimensions vary."""
-
-    name: str
-    grid: str  # "dense" or "expert"
-    tokens: Tuple[str, ...]
-    description: str
-
-
-_KIND_LIST: Tuple[KindSpec, ...] = (
-    KindSpec("tp", "dense", ("tp",), "tensor parallel"),
-    KindSpec("cp", "dense", ("cp",), "context parallel"),
-    KindSpec("dp", "dense", ("dp",), "data parallel"),
-    KindSpec("pp", "dense", ("pp",), "pipeline parallel"),
-    KindSpec("dp-cp", "dense", ("dp", "cp"), "data x context parallel"),
-    KindSpec("tp-cp", "dense", ("tp", "cp"), "tensor x context parallel"),
-    KindSpec("tp-dp", "dense", ("tp", "dp"), "tensor x data parallel"),
-    KindSpec("tp-dp-cp", "dense", ("tp", "dp", "cp"), "tensor x data x context parallel"),
-    KindSpec("mp", "dense", ("tp", "pp"), "model parallel (tensor x pipeline)"),
-    KindSpec("ep", "expert", ("ep",), "expert parallel"),
-    KindSpec("etp", "expert", ("tp",), "expert tensor parallel"),
-    KindSpec("edp", "expert", ("dp",), "expert data parallel"),
-    KindSpec("etp-ep", "expert", ("tp", "ep"), "expert tensor x expert parallel"),
-    KindSpec("etp-ep-pp", "expert", ("tp", "ep", "pp"), "expert tensor x expert x pipeline parallel"),
-)
+#: What a group kind is (its grid, varying tokens, description and other names):
+#: one row of :data:`mpu_bridge.kinds.KIND_TABLE`.
+KindSpec = Kind
 
 #: Every group kind a :class:`Layout` answers, in a fixed order.
-KINDS: Mapping[str, KindSpec] = {spec.name: spec for spec in _KIND_LIST}
+KINDS: Mapping[str, KindSpec] = KIND_ROWS
 
 
 def _positive_int(name: str, value: Any) -> int:
     """``value`` as a positive int; integer types (numpy's too) only, never bool or float."""
-    if isinstance(value, bool):
-        raise LayoutError(f"{name} must be a positive integer, got {value!r} (bool)")
-    try:
-        number = operator.index(value)
-    except TypeError:
-        raise LayoutError(
-            f"{name} must be a positive integer, got {value!r} ({type(value).__name__})"
-        ) from None
-    if number < 1:
-        raise LayoutError(f"{name} must be a positive integer, got {number}")
-    return number
+    return positive_int(name, value, LayoutError)
 
 
 def _parse_order(order: Any) -> Tuple[str, ...]:
@@ -139,6 +108,10 @@ def _products(values: Tuple[int, ...]) -> Tuple[int, ...]:
     return tuple(out)
 
 
+#: Groups of at most this many ranks keep their offsets with their cached geometry.
+_KEEP_OFFSETS = 1 << 16
+
+
 def _expand(dims: Tuple[Tuple[int, int], ...]) -> List[int]:
     """All sums ``sum(i_k * stride_k)`` over ``dims = ((size, stride), ...)``, first dim fastest."""
     values = [0]
@@ -153,11 +126,26 @@ class _Geometry:
 
     masked: Tuple[Tuple[int, int], ...]  # (size, stride) of dims that vary inside a group
     unmasked: Tuple[Tuple[int, int], ...]  # (size, stride) of dims that pick the group
-    offsets: Tuple[int, ...]  # member offsets from the group's smallest rank, ascending
+
+    @property
+    def offsets(self) -> Tuple[int, ...]:
+        """Member offsets from the group's smallest rank, ascending: O(group size), so kept
+        only for groups of at most ``_KEEP_OFFSETS`` ranks (geometries are cached)."""
+        kept = self.__dict__.get("_offsets")
+        if kept is not None:
+            return kept
+        offsets = tuple(_expand(self.masked))
+        if len(offsets) <= _KEEP_OFFSETS:
+            self.__dict__["_offsets"] = offsets  # frozen: bypass __setattr__ for the memo only
+        return offsets
 
     @property
     def group_size(self) -> int:
-        return len(self.offsets)
+        return math.prod(size for size, _ in self.masked)
+
+    def view(self, base: int) -> GroupView:
+        """The group whose smallest rank is ``base``, described, not listed."""
+        return GroupView(base, self.masked)
 
     @property
     def num_groups(self) -> int:
@@ -244,13 +232,13 @@ class RankGrid:
         return math.prod(self.sizes)
 
     def size_of(self, token: str) -> int:
-        return self.sizes[self.order.index(token)]
+        return self.sizes[self.order.index(_check_token(token))]
 
     def stride_of(self, token: str) -> int:
-        return self.strides[self.order.index(token)]
+        return self.strides[self.order.index(_check_token(token))]
 
     def geometry(self, tokens: Tuple[str, ...]) -> _Geometry:
-        return _geometry(self, frozenset(tokens))
+        return _geometry(self, _check_tokens(tokens))
 
     def groups(self, tokens: Tuple[str, ...]) -> List[List[int]]:
         """Every group in megatron-core's order; each group ascending."""
@@ -259,9 +247,45 @@ class RankGrid:
         return [[base + o for o in offsets] for base in _expand(geo.unmasked)]
 
     def group_of(self, tokens: Tuple[str, ...], rank: int) -> List[int]:
+        """The group over ``tokens`` that holds ``rank``.
+
+        Example: ``RankGrid.build(tp=2).group_of(("tp",), 1) == [0, 1]``.
+        """
         geo = self.geometry(tokens)
-        base = geo.base_of_rank(rank)
+        base = geo.base_of_rank(_check_rank(rank, self.world_size))
         return [base + o for o in geo.offsets]
+
+
+def _check_token(token: Any) -> str:
+    if not isinstance(token, str) or token not in TOKENS:
+        raise LayoutError(f"unknown dimension token {token!r}; known tokens: {', '.join(TOKENS)}")
+    return token
+
+
+def _check_tokens(tokens: Any) -> frozenset:
+    """``tokens`` (an iterable of dimension tokens, not one string) as a frozenset."""
+    if isinstance(tokens, str):
+        raise LayoutError(
+            f"tokens must be a tuple of dimension tokens such as ('tp', 'dp'), got the string {tokens!r}"
+        )
+    try:
+        items = tuple(tokens)
+    except TypeError:
+        raise LayoutError(
+            f"tokens must be a tuple of dimension tokens such as ('tp', 'dp'), got {tokens!r} "
+            f"({type(tokens).__name__})"
+        ) from None
+    return frozenset(_check_token(token) for token in items)
+
+
+def _check_rank(rank: Any, world_size: int) -> int:
+    """``rank`` as an int in ``0..world_size-1`` (numpy integers too; never bool or float)."""
+    rank = integer("rank", rank, LayoutError)
+    if not 0 <= rank < world_size:
+        raise LayoutError(
+            f"rank {rank} is outside the world of {world_size} ranks (0..{world_size - 1})"
+        )
+    return rank
 
 
 @functools.lru_cache(maxsize=256)
@@ -276,7 +300,7 @@ def _geometry(grid: RankGrid, tokens: frozenset) -> _Geometry:
         for token, size, stride in zip(grid.order, grid.sizes, grid.strides)
         if token not in tokens
     )
-    return _Geometry(masked=masked, unmasked=unmasked, offsets=tuple(_expand(masked)))
+    return _Geometry(masked=masked, unmasked=unmasked)
 
 
 @dataclass(frozen=True)
@@ -377,7 +401,9 @@ class Layout:
 
     Groups come in megatron-core's enumeration order (identical on every rank),
     each sorted ascending. ``group_of`` is pure arithmetic: O(group size), whatever
-    the world size.
+    the world size; ``group_view`` / ``group_view_of`` describe a group without listing
+    it (:class:`~mpu_bridge.groupview.GroupView`, O(dimensions)), and sizes, counts and
+    ``intra_node`` cost O(dimensions) too.
     """
 
     config: ParallelConfig
@@ -386,6 +412,11 @@ class Layout:
 
     def __post_init__(self) -> None:
         c = self.config
+        if not isinstance(c, ParallelConfig):
+            raise LayoutError(
+                f"Layout needs a ParallelConfig, got {c!r} ({type(c).__name__}); "
+                "use plan(world_size, tp=..., ...) to build a layout from sizes"
+            )
         dense = RankGrid.build(tp=c.tp, cp=c.cp, ep=1, dp=c.dp, pp=c.pp, order=c.order)
         expert = RankGrid.build(
             tp=c.etp,  # type: ignore[arg-type]
@@ -462,36 +493,44 @@ class Layout:
     def group(self, kind: str, index: int) -> List[int]:
         """The ``index``-th group of ``kind`` in enumeration order."""
         geo = self._geometry(kind)
+        base = geo.base_of_index(self._check_index(kind, geo, index))
+        return [base + o for o in geo.offsets]
+
+    def _check_index(self, kind: str, geo: _Geometry, index: Any) -> int:
         try:
-            index = operator.index(index) if not isinstance(index, bool) else index
-        except TypeError:
-            pass
-        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < geo.num_groups:
+            number: Optional[int] = integer("group index", index, LayoutError)
+        except LayoutError:
+            number = None
+        if number is None or not 0 <= number < geo.num_groups:
             raise LayoutError(
                 f"group index {index!r} is outside 0..{geo.num_groups - 1} for kind {kind!r}"
             )
-        base = geo.base_of_index(index)
-        return [base + o for o in geo.offsets]
+        return number
 
     def _check_rank(self, rank: Any) -> int:
-        try:
-            if isinstance(rank, bool):
-                raise TypeError
-            rank = operator.index(rank)
-        except TypeError:
-            raise LayoutError(f"rank must be an integer, got {rank!r} ({type(rank).__name__})") from None
-        if not 0 <= rank < self.world_size:
-            raise LayoutError(
-                f"rank {rank} is outside the world of {self.world_size} ranks "
-                f"(0..{self.world_size - 1})"
-            )
-        return rank
+        return _check_rank(rank, self.world_size)
 
     def group_of(self, kind: str, rank: int) -> List[int]:
         """The group of ``kind`` that holds ``rank``, ascending; computed, not looked up."""
         geo = self._geometry(kind)
         base = geo.base_of_rank(self._check_rank(rank))
         return [base + o for o in geo.offsets]
+
+    def group_view(self, kind: str, index: int) -> GroupView:
+        """The ``index``-th group of ``kind``, described by its geometry: O(1) in its size.
+
+        Example: ``plan(2 ** 40, tp=8).group_view("dp", 1).first(3) == [1, 9, 17]``.
+        """
+        geo = self._geometry(kind)
+        return geo.view(geo.base_of_index(self._check_index(kind, geo, index)))
+
+    def group_view_of(self, kind: str, rank: int) -> GroupView:
+        """The group of ``kind`` that holds ``rank``, described by its geometry (see :meth:`group_view`).
+
+        Example: ``plan(16, tp=2).group_view_of("dp", 5).first(8) == [1, 3, 5, 7, 9, 11, 13, 15]``.
+        """
+        geo = self._geometry(kind)
+        return geo.view(geo.base_of_rank(self._check_rank(rank)))
 
     def group_index(self, kind: str, rank: int) -> int:
         """Position of ``rank``'s group in :meth:`groups` order."""
@@ -513,24 +552,17 @@ class Layout:
     def intra_node(self, kind: str) -> bool:
         """Whether every group of ``kind`` stays inside one node (needs ``gpus_per_node``).
 
-        Ranks ``n*g .. n*g + g-1`` form node ``n``. A group lies in one node iff its
-        smallest and largest rank do; the smallest ranks' residues modulo ``g`` are
-        found per dimension, so this costs O(dims·g²), not O(world).
+        Ranks ``n*g .. n*g + g-1`` form node ``n``. Every group lies in an aligned block
+        of ``Q`` ranks (its slowest varying dimension's size times stride), and all groups
+        stay in one node exactly when ``Q`` divides ``g``
+        (:func:`~mpu_bridge.groupview.partition_fits_nodes`): O(dims), whatever the sizes.
         """
         gpn = self.config.gpus_per_node
         if gpn is None:
             raise LayoutError(
                 "intra_node needs gpus_per_node; pass plan(..., gpus_per_node=8) for 8 GPUs per node"
             )
-        geo = self._geometry(kind)
-        span = geo.offsets[-1]
-        if span >= gpn:
-            return False
-        residues = {0}
-        for size, stride in geo.unmasked:
-            steps = {(i * stride) % gpn for i in range(min(size, gpn))}
-            residues = {(r + s) % gpn for r in residues for s in steps}
-        return max(residues) + span < gpn
+        return partition_fits_nodes(self._geometry(kind).masked, gpn)
 
     def node_of(self, rank: int) -> int:
         gpn = self.config.gpus_per_node
@@ -540,23 +572,48 @@ class Layout:
 
     # -- export ----------------------------------------------------------------
 
-    def to_dict(self, *, max_groups: Optional[int] = 8) -> Dict[str, Any]:
+    def to_dict(
+        self,
+        *,
+        max_groups: Optional[int] = 8,
+        max_members: Optional[int] = None,
+        max_ranks: Optional[int] = None,
+    ) -> Dict[str, Any]:
         """A JSON-ready description: the config and, per kind, sizes and groups.
 
         ``max_groups`` bounds the groups listed per kind (``None``: all of them);
-        ``"truncated"`` says whether some were left out.
+        ``"truncated"`` says whether some were left out. ``max_members`` lists only the
+        first members of larger groups; such an entry adds ``"members_truncated": True``
+        and ``"shape"``, the ``[count, step]`` dimensions every group is laid out by
+        (members ``first + Σ i·step``). ``max_ranks`` bounds the ranks listed per kind
+        (one group at least). Limits are None or integers >= 0 (``max_members`` >= 1).
+
+        Example: ``plan(64, tp=8).to_dict(max_members=2)["kinds"]["dp"]["groups"][0] == [0, 8]``.
         """
+        max_groups = optional_count("max_groups", max_groups)
+        max_ranks = optional_count("max_ranks", max_ranks)
+        if max_members is not None:
+            max_members = positive_int("max_members", max_members, LayoutError)
         kinds: Dict[str, Any] = {}
         for kind in self.kinds:
-            count = self.num_groups(kind)
+            geo = self._geometry(kind)
+            count, size = geo.num_groups, geo.group_size
+            listed = size if max_members is None else min(size, max_members)
             shown = count if max_groups is None else min(count, max_groups)
+            if max_ranks is not None and shown:
+                shown = min(shown, max(1, max_ranks // listed))
+            offsets = geo.offsets if listed == size else GroupView(0, geo.masked).first(listed)
+            bases = (geo.base_of_index(index) for index in range(shown))
             entry: Dict[str, Any] = {
                 "description": KINDS[kind].description,
-                "size": self.size(kind),
+                "size": size,
                 "num_groups": count,
-                "groups": list(itertools.islice(self.iter_groups(kind), shown)),
+                "groups": [[base + o for o in offsets] for base in bases],
                 "truncated": shown < count,
             }
+            if listed < size:
+                entry["members_truncated"] = True
+                entry["shape"] = [list(dim) for dim in GroupView(0, geo.masked).dims]
             if self.config.gpus_per_node is not None:
                 entry["intra_node"] = self.intra_node(kind)
             kinds[kind] = entry
@@ -607,7 +664,8 @@ def expert_order(order: str, data_before_expert: Optional[bool] = None) -> str:
     Example: ``expert_order("tp-cp-dp-pp") == "tp-cp-ep-dp-pp"`` and
     ``expert_order("tp-cp-ep-dp-pp", data_before_expert=True) == "tp-cp-dp-ep-pp"``.
     """
-    tokens = order.strip().lower().split("-")
+    tokens = list(_parse_order(order))
+    data_before_expert = optional_bool("data_before_expert", data_before_expert, LayoutError)
     if "ep" not in tokens:
         tokens.insert(tokens.index("dp") if "dp" in tokens else len(tokens), "ep")
     if "dp" not in tokens:

@@ -22,36 +22,48 @@ Example::
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Optional, Protocol, Sequence, Tuple
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .bridge import Bridge, GroupInfo
-    from .mpu import MpuReader
+from .kinds import KIND_TABLE, KINDS, Kind
+from .mpu import MpuReader
 
 __all__ = ["LegacyMpu", "legacy_names"]
 
+
+class Bridge(Protocol):
+    """What this adapter reads of a :class:`mpu_bridge.bridge.Bridge`; it never imports
+    that module (the bridge imports this one), and it calls group methods by name."""
+
+    rank: int
+
+    @property
+    def reader(self) -> Optional[MpuReader]: ...
+
+    def ranks(self, name: str, *, ep_size: Optional[int] = None) -> Tuple[int, ...]: ...
+
+
+def _prefixes(kinds: Sequence[Kind]) -> Dict[str, str]:
+    """Legacy getter prefix -> bridge method, from the kind table."""
+    return {prefix: k.method for k in kinds for prefix in k.legacy if k.method}
+
+
 # Prefix of the getter family -> the bridge method giving that group.
-_ALWAYS = {
-    "model_parallel": "model_parallel",
-    "tensor_model_parallel": "tensor_parallel",
-    "pipeline_model_parallel": "pipeline_parallel",
-    "pipe_parallel": "pipeline_parallel",
-    "slice_parallel": "tensor_parallel",
-    "data_parallel": "data_parallel",
-}
-_SEQUENCE = {
-    "sequence_parallel": "sequence_parallel",
-    "sequence_data_parallel": "sequence_data_parallel",
-}
+_ALWAYS = _prefixes([k for k in KIND_TABLE if k.method and k.name not in ("cp", "dp-cp")])
+_SEQUENCE = _prefixes([KINDS["cp"], KINDS["dp-cp"]])
 
 
-def _family(info: Callable[[], "GroupInfo"], prefix: str) -> Dict[str, Callable[..., Any]]:
+def _family(bridge: "Bridge", method: str, prefix: str) -> Dict[str, Callable[..., Any]]:
+    """Sizes, ranks and rank lists are arithmetic (local); only ``get_*_group`` may be collective."""
+
+    def ranks() -> Tuple[int, ...]:
+        return bridge.ranks(method)
+
     return {
-        f"get_{prefix}_world_size": lambda: info().world_size,
-        f"get_{prefix}_rank": lambda: info().rank,
-        f"get_{prefix}_group": lambda: info().group,
-        f"get_{prefix}_group_ranks": lambda: list(info().ranks),
-        f"get_{prefix}_src_rank": lambda: info().src_rank,
+        f"get_{prefix}_world_size": lambda: len(ranks()),
+        f"get_{prefix}_rank": lambda: ranks().index(bridge.rank),
+        f"get_{prefix}_group": lambda: getattr(bridge, method)().group,
+        f"get_{prefix}_group_ranks": lambda: list(ranks()),
+        f"get_{prefix}_src_rank": lambda: ranks()[0],
     }
 
 
@@ -76,11 +88,11 @@ class LegacyMpu:
     def __init__(self, bridge: "Bridge") -> None:
         functions: Dict[str, Callable[..., Any]] = {}
         for prefix, method in _ALWAYS.items():
-            functions.update(_family(getattr(bridge, method), prefix))
+            functions.update(_family(bridge, method, prefix))
         reader = bridge.reader
         if reader is not None and _has_sequence_parallelism(reader):
             for prefix, method in _SEQUENCE.items():
-                functions.update(_family(getattr(bridge, method), prefix))
+                functions.update(_family(bridge, method, prefix))
         if reader is not None and reader.is_ulysses:
             functions["initialize_sequence_parallel"] = reader.mpu.initialize_sequence_parallel
         object.__setattr__(self, "_bridge", bridge)
@@ -97,6 +109,11 @@ class LegacyMpu:
 
     def __setattr__(self, name: str, value: Any) -> None:
         raise AttributeError(f"{type(self).__name__} is read-only")
+
+    @property
+    def bridge(self) -> "Bridge":
+        """The bridge answering this adapter."""
+        return object.__getattribute__(self, "_bridge")
 
     def __dir__(self) -> List[str]:
         return sorted(set(object.__dir__(self)) | set(self._functions))

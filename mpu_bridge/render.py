@@ -2,9 +2,13 @@
 
 Every function here is a pure function of a layout and a few options, returns a
 string (or a JSON-ready dict), and does work bounded by what it shows, never by
-the world size: summaries take the first groups with ``iter_groups`` and one
-rank's groups with ``group_of``, so a 1,048,576-rank layout renders in
-milliseconds.
+the world or group size: groups are described by their geometry
+(:class:`~mpu_bridge.groupview.GroupView`), never listed in full, so a layout of
+2**62 ranks renders as fast as one of 8. What is left out is said: ``…`` and
+counts in text, ``"truncated"`` keys in JSON, "showing nodes 0..7 of N" in SVG.
+
+Rows beyond the layout's own kinds (hpZ, all-to-all) come in as ``extra``
+:class:`~mpu_bridge.planrows.PlanRow` objects and are shown in their own tables.
 
 Example::
 
@@ -18,14 +22,22 @@ Example::
 
 from __future__ import annotations
 
-import itertools
 import json
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
-from .layout import KINDS, Layout
+from .errors import LayoutError
+from .groupview import NODE_WALK_LIMIT, GroupView, NodeSet
+from .layout import Layout
+from .planrows import PlanRow, kind_row
+from .text import ELLIPSIS, abbreviate_ranks, table
+from .validate import optional_count as _limit  # None or an integer >= 0
+from .validate import positive_int
 
 __all__ = [
+    "MAX_LISTED_GROUPS",
+    "MAX_LISTED_MEMBERS",
+    "MAX_LISTED_RANKS",
     "abbreviate_ranks",
     "default_color_kind",
     "layout_report",
@@ -35,38 +47,31 @@ __all__ = [
     "row_width",
 ]
 
-#: Groups at most this long are written out in full by :func:`abbreviate_ranks`.
-_SHORT_GROUP = 8
-
-_ELLIPSIS = "…"
+#: Text: most groups listed per row, whatever ``max_groups`` asks (the row ends in ``…``).
+MAX_LISTED_GROUPS = 1024
+#: JSON: most members listed per group; longer groups are cut and marked.
+MAX_LISTED_MEMBERS = 1024
+#: JSON: most ranks listed per kind (one group at least).
+MAX_LISTED_RANKS = 32768
 
 
 # -- shared helpers ------------------------------------------------------------
 
 
-def abbreviate_ranks(ranks: Sequence[int], *, limit: int = _SHORT_GROUP, show_count: bool = True) -> str:
-    """A rank list as text: in full up to ``limit`` members, else its head, ``…``, last rank and length.
+def _check_layout(layout: Any) -> Layout:
+    if not isinstance(layout, Layout):
+        raise LayoutError(
+            f"expected a Layout (from mpu_bridge.plan(...)), got {layout!r} ({type(layout).__name__})"
+        )
+    return layout
 
-    An evenly spaced list shows its first two members (enough to read the stride);
-    any other list shows its first four. ``show_count=False`` leaves out the length.
 
-    Example: ``abbreviate_ranks([0, 1])`` is ``'[0,1]'``;
-    ``abbreviate_ranks(range(0, 128, 8))`` is ``'[0,8,…,120] (16)'``.
-    """
-    if not isinstance(ranks, list):
-        ranks = list(ranks)
-    count = len(ranks)
-    if count <= max(limit, 3):
-        return "[" + ",".join(map(str, ranks)) + "]"
-    step = ranks[1] - ranks[0]
-    evenly_spaced = (
-        step > 0
-        and (ranks[-1] - ranks[0]) == step * (count - 1)  # cheap test first: no list when it fails
-        and ranks == list(range(ranks[0], ranks[-1] + 1, step))
-    )
-    head = ranks[:2] if evenly_spaced else ranks[: min(4, count - 2)]
-    text = "[" + ",".join(map(str, head)) + f",{_ELLIPSIS},{ranks[-1]}]"
-    return f"{text} ({count})" if show_count else text
+def _check_extra(extra: Iterable[Any]) -> Tuple[PlanRow, ...]:
+    rows = tuple(extra)
+    for row in rows:
+        if not isinstance(row, PlanRow):
+            raise LayoutError(f"extra rows must be PlanRow objects, got {row!r} ({type(row).__name__})")
+    return rows
 
 
 def default_color_kind(layout: Layout) -> str:
@@ -77,7 +82,7 @@ def default_color_kind(layout: Layout) -> str:
 
     Example: ``default_color_kind(plan(64, tp=2, ep=4)) == "ep"``.
     """
-    config = layout.config
+    config = _check_layout(layout).config
     if config.ep > 1:
         return "ep"
     for kind in ("tp", "cp", "pp", "dp"):
@@ -94,7 +99,7 @@ def row_width(layout: Layout) -> int:
 
     Example: ``row_width(plan(64, tp=2)) == 8``; ``row_width(plan(64, tp=16)) == 16``.
     """
-    config = layout.config
+    config = _check_layout(layout).config
     if config.gpus_per_node is not None:
         return config.gpus_per_node
     world = config.world_size
@@ -112,32 +117,20 @@ def _plural(count: int, noun: str) -> str:
     return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
-def _nodes_of(ranks: Sequence[int], gpus_per_node: int) -> List[int]:
-    return sorted({rank // gpus_per_node for rank in ranks})
-
-
-def _describe_nodes(nodes: Sequence[int]) -> str:
-    if len(nodes) == 1:
-        return f"node {nodes[0]}"
-    return f"{len(nodes)} nodes {abbreviate_ranks(nodes, show_count=False)}"
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence[int]) -> List[str]:
-    """Rows aligned in columns; column indices in ``right`` are right-aligned. No trailing spaces."""
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    lines = []
-    for row in [header, *rows]:
-        cells = [
-            cell.rjust(width) if i in right else cell.ljust(width)
-            for i, (cell, width) in enumerate(zip(row, widths))
-        ]
-        lines.append("  ".join(cells).rstrip())
-    return lines
+def _describe_nodes(nodes: NodeSet) -> str:
+    """``node 3``, ``2 nodes [0,1]``, ``262144 nodes [0,1,…,262143]``."""
+    if nodes.count == 1:
+        return f"node {nodes.first(1)[0]}"
+    listed = abbreviate_ranks(nodes, show_count=False)
+    if nodes.count is None:
+        return f"over {NODE_WALK_LIMIT} nodes {listed}"
+    return f"{nodes.count} nodes {listed}"
 
 
 def _grid_text(layout: Layout, grid: str) -> str:
     """One grid's dimensions in order-string order (first varies fastest), e.g. ``tp 2 × dp 16``."""
     config = layout.config
+    sizes: Dict[str, Tuple[str, Optional[int]]]
     if grid == "dense":
         sizes = {
             "tp": ("tp", config.tp),
@@ -171,27 +164,73 @@ def _header_lines(layout: Layout) -> List[str]:
     ]
 
 
-def _intra_node_text(layout: Layout, kind: str) -> str:
-    return "yes" if layout.intra_node(kind) else "no — crosses nodes"
-
-
 # -- text ----------------------------------------------------------------------
 
 
-def _first_groups_text(layout: Layout, kind: str, max_groups: Optional[int], fit_width: Optional[int]) -> str:
-    count = layout.num_groups(kind)
-    shown_limit = count if max_groups is None else min(count, max_groups)
+def _first_groups_text(row: PlanRow, max_groups: Optional[int], fit_width: Optional[int]) -> Tuple[str, bool]:
+    """The row's first groups, abbreviated, and whether :data:`MAX_LISTED_GROUPS` cut the list."""
+    wanted = row.count if max_groups is None else min(row.count, max_groups)
+    limit = min(wanted, MAX_LISTED_GROUPS)
     parts: List[str] = []
     used = 0
-    for group in itertools.islice(layout.iter_groups(kind), shown_limit):
-        part = abbreviate_ranks(group)
+    for index in range(limit):
+        part = abbreviate_ranks(row.group(index))
         if parts and fit_width is not None and used + 1 + len(part) > fit_width:
             break
         parts.append(part)
         used += len(part) + (1 if len(parts) > 1 else 0)
-    if len(parts) < count:
-        parts.append(_ELLIPSIS)
-    return " ".join(parts)
+    capped = len(parts) == limit < wanted
+    if len(parts) < row.count:
+        parts.append(ELLIPSIS)
+    return " ".join(parts), capped
+
+
+def _groups_table(
+    first: str,
+    rows: Sequence[PlanRow],
+    gpn: Optional[int],
+    max_groups: Optional[int],
+    fit_width: Optional[int],
+) -> Tuple[List[str], bool]:
+    """One line per row: name, description, size, count, in one node?, first groups."""
+    header = [first, "description", "size", "groups"] + (["in one node?"] if gpn is not None else [])
+    header.append("first groups")
+    cells = []
+    capped = False
+    for row in rows:
+        line = [row.name, row.description, str(row.size), str(row.count)]
+        if gpn is not None:
+            line.append("yes" if row.fits_nodes(gpn) else "no — crosses nodes")
+        text, cut = _first_groups_text(row, max_groups, fit_width)
+        capped = capped or cut
+        cells.append(line + [text])
+    return table(header, cells, right=(2, 3)), capped
+
+
+def _rank_table(first: str, rows: Sequence[PlanRow], rank: int, gpn: Optional[int]) -> List[str]:
+    """One line per row: the group index, position and members of ``rank``'s group (and its nodes)."""
+    cells = []
+    for row in rows:
+        index, position, view = row.locate(rank)
+        line = [row.name, str(index), str(position), abbreviate_ranks(view, limit=16)]
+        if gpn is not None:
+            line.append(_describe_nodes(view.nodes(gpn)))
+        cells.append(line)
+    header = [first, "group", "position", "members"] + (["spans"] if gpn is not None else [])
+    return table(header, cells, right=(1, 2))
+
+
+def _rank_lines(layout: Layout, rank: int, kinds: Sequence[PlanRow], extra: Sequence[PlanRow]) -> List[str]:
+    gpn = layout.config.gpus_per_node
+    tables = _rank_table("kind", kinds, rank, gpn)  # validates the rank before any other work
+    if extra:
+        tables += ["", *_rank_table("family", extra, rank, gpn)]
+    if gpn is None:
+        title = f"rank {rank}"
+    else:
+        node = layout.node_of(rank)
+        title = f"rank {rank} on node {node} (ranks {node * gpn}..{node * gpn + gpn - 1})"
+    return ["", title, *tables]
 
 
 def render_text(
@@ -200,97 +239,125 @@ def render_text(
     rank: Optional[int] = None,
     max_groups: Optional[int] = 4,
     fit_width: Optional[int] = 56,
+    extra: Iterable[PlanRow] = (),
 ) -> str:
     """The plan as a table: a config header, then one row per group kind.
 
     Each row gives the kind, its description, group size, number of groups, whether
     every group stays inside one node (when ``gpus_per_node`` is known) and the first
-    groups: at most ``max_groups`` (``None``: all), and, when ``fit_width`` is set,
-    only as many as fit in that many characters (always at least one). With ``rank``,
-    a second table gives that rank's node and its group, group index and position in
-    every kind. Raises :class:`~mpu_bridge.errors.LayoutError` for a rank outside the world.
+    groups: at most ``max_groups`` (``None``: all, up to :data:`MAX_LISTED_GROUPS`,
+    and a note says so when that cuts the list), and, when ``fit_width`` is set,
+    only as many as fit in that many characters (always at least one). ``extra``
+    rows (hpZ, all-to-all) follow in a table of their own. With ``rank``, a second
+    table gives that rank's node and its group, group index and position in every
+    kind. Raises :class:`~mpu_bridge.errors.LayoutError` for a rank outside the world.
 
     Example: ``render_text(plan(16, tp=2, gpus_per_node=8), rank=3)``.
     """
-    config = layout.config
-    gpn = config.gpus_per_node
-    rank_rows: List[List[str]] = []
-    if rank is not None:  # validate before doing any other work
-        for kind in layout.kinds:
-            members = layout.group_of(kind, rank)
-            row = [
-                kind,
-                str(layout.group_index(kind, rank)),
-                str(layout.rank_in_group(kind, rank)),
-                abbreviate_ranks(members, limit=16),
-            ]
-            if gpn is not None:
-                row.append(_describe_nodes(_nodes_of(members, gpn)))
-            rank_rows.append(row)
+    _check_layout(layout)
+    max_groups = _limit("max_groups", max_groups)
+    fit_width = None if fit_width is None else positive_int("fit_width", fit_width, LayoutError)
+    extra = _check_extra(extra)
+    kinds = [kind_row(layout, kind) for kind in layout.kinds]
+    rank_lines = [] if rank is None else _rank_lines(layout, rank, kinds, extra)
+    gpn = layout.config.gpus_per_node
 
-    lines = _header_lines(layout)
-    lines.append("")
-    header = ["kind", "description", "size", "groups"]
-    if gpn is not None:
-        header.append("in one node?")
-    header.append("first groups")
-    rows = []
-    for kind in layout.kinds:
-        row = [kind, KINDS[kind].description, str(layout.size(kind)), str(layout.num_groups(kind))]
-        if gpn is not None:
-            row.append(_intra_node_text(layout, kind))
-        row.append(_first_groups_text(layout, kind, max_groups, fit_width))
-        rows.append(row)
-    lines.extend(_table(header, rows, right=(2, 3)))
+    lines = _header_lines(layout) + [""]
+    main, capped = _groups_table("kind", kinds, gpn, max_groups, fit_width)
+    lines.extend(main)
+    if extra:
+        derived, capped_extra = _groups_table("family", extra, gpn, max_groups, fit_width)
+        lines.extend(["", *derived])
+        capped = capped or capped_extra
     if gpn is None:
-        lines.append("")
-        lines.append("(pass --gpus-per-node to see which groups cross nodes)")
-
-    if rank is not None:
-        lines.append("")
-        if gpn is None:
-            lines.append(f"rank {rank}")
-        else:
-            node = layout.node_of(rank)
-            lines.append(f"rank {rank} on node {node} (ranks {node * gpn}..{node * gpn + gpn - 1})")
-        rank_header = ["kind", "group", "position", "members"]
-        if gpn is not None:
-            rank_header.append("spans")
-        lines.extend(_table(rank_header, rank_rows, right=(1, 2)))
+        lines.extend(["", "(pass --gpus-per-node to see which groups cross nodes)"])
+    if capped:
+        lines.extend(["", f"(at most {MAX_LISTED_GROUPS} groups are listed per kind)"])
+    lines.extend(rank_lines)
     return "\n".join(lines) + "\n"
 
 
 # -- JSON ----------------------------------------------------------------------
 
 
-def layout_report(
-    layout: Layout, *, rank: Optional[int] = None, max_groups: Optional[int] = 8
+def _rank_entry(row: PlanRow, rank: int, gpn: Optional[int], max_members: Optional[int]) -> Dict[str, Any]:
+    """``{"index", "position", "ranks", "nodes"?}``; a long group is cut and says so."""
+    index, position, view = row.locate(rank)
+    limit = view.size if max_members is None else min(view.size, max_members)
+    entry: Dict[str, Any] = {"index": index, "position": position, "ranks": view.first(limit)}
+    if limit < view.size:
+        entry.update(ranks_truncated=True, size=view.size, shape=[list(dim) for dim in view.dims])
+    if gpn is not None:
+        nodes = view.nodes(gpn)
+        node_limit = nodes.count if max_members is None and nodes.count is not None else limit
+        entry["nodes"] = nodes.first(node_limit)
+        if nodes.count is None or nodes.count > len(entry["nodes"]):
+            entry.update(nodes_truncated=True, node_count=nodes.count)
+    return entry
+
+
+def _row_entry(
+    row: PlanRow, gpn: Optional[int], max_groups: Optional[int], max_members: Optional[int], max_ranks: Optional[int]
 ) -> Dict[str, Any]:
-    """:meth:`Layout.to_dict` plus ``config["nodes"]`` and, with ``rank``, that rank's groups.
+    """A derived row in the shape of :meth:`Layout.to_dict`'s kind entries."""
+    listed = row.size if max_members is None else min(row.size, max_members)
+    shown = row.count if max_groups is None else min(row.count, max_groups)
+    if max_ranks is not None and shown:
+        shown = min(shown, max(1, max_ranks // listed))
+    entry: Dict[str, Any] = {
+        "description": row.description,
+        "size": row.size,
+        "num_groups": row.count,
+        "groups": [row.group(index).first(listed) for index in range(shown)],
+        "truncated": shown < row.count,
+    }
+    if listed < row.size:
+        entry.update(members_truncated=True, shape=[list(dim) for dim in row.shape])
+    if gpn is not None:
+        entry["intra_node"] = row.fits_nodes(gpn)
+    return entry
+
+
+def layout_report(
+    layout: Layout,
+    *,
+    rank: Optional[int] = None,
+    max_groups: Optional[int] = 8,
+    max_members: Optional[int] = MAX_LISTED_MEMBERS,
+    max_ranks: Optional[int] = MAX_LISTED_RANKS,
+    extra: Iterable[PlanRow] = (),
+) -> Dict[str, Any]:
+    """:meth:`Layout.to_dict` plus ``config["nodes"]``, ``extra`` rows and, with ``rank``, its groups.
 
     ``report["rank"] = {"rank": r, "node": n or None, "groups": {kind: {"index", "position",
-    "ranks", "nodes"?}}}`` with every member listed. ``max_groups`` bounds the groups
-    listed per kind (``None``: all).
+    "ranks", "nodes"?}}}``. ``max_groups`` bounds the groups listed per kind (``None``:
+    all); ``max_members`` the members listed per group (then ``"members_truncated"``,
+    or for the rank's groups ``"ranks_truncated"`` / ``"nodes_truncated"``, say so);
+    ``max_ranks`` the ranks listed per kind. ``extra`` rows go to ``report["derived"]``
+    (and ``report["rank"]["derived"]``) in the same shape.
 
     Example: ``layout_report(plan(8, tp=2), rank=3)["rank"]["groups"]["tp"]["ranks"] == [2, 3]``.
     """
+    _check_layout(layout)
+    max_groups = _limit("max_groups", max_groups)
+    max_ranks = _limit("max_ranks", max_ranks)
+    max_members = None if max_members is None else positive_int("max_members", max_members, LayoutError)
+    extra = _check_extra(extra)
     gpn = layout.config.gpus_per_node
     rank_part: Optional[Dict[str, Any]] = None
-    if rank is not None:
-        groups: Dict[str, Any] = {}
-        for kind in layout.kinds:
-            members = layout.group_of(kind, rank)
-            entry: Dict[str, Any] = {
-                "index": layout.group_index(kind, rank),
-                "position": layout.rank_in_group(kind, rank),
-                "ranks": members,
-            }
-            if gpn is not None:
-                entry["nodes"] = _nodes_of(members, gpn)
-            groups[kind] = entry
-        rank_part = {"rank": rank, "node": None if gpn is None else layout.node_of(rank), "groups": groups}
-    report = layout.to_dict(max_groups=max_groups)
+    if rank is not None:  # validate before doing any other work
+        kinds = [kind_row(layout, kind) for kind in layout.kinds]
+        groups = {row.name: _rank_entry(row, rank, gpn, max_members) for row in kinds}
+        node = None if gpn is None else layout.node_of(rank)
+        rank_part = {"rank": rank, "node": node, "groups": groups}
+        if extra:
+            rank_part["derived"] = {row.name: _rank_entry(row, rank, gpn, max_members) for row in extra}
+    report = layout.to_dict(max_groups=max_groups, max_members=max_members, max_ranks=max_ranks)
     report["config"]["nodes"] = None if gpn is None else layout.world_size // gpn
+    if extra:
+        report["derived"] = {
+            row.name: _row_entry(row, gpn, max_groups, max_members, max_ranks) for row in extra
+        }
     if rank_part is not None:
         report["rank"] = rank_part
     return report
@@ -308,9 +375,23 @@ def _json_text(value: Any, level: int = 0) -> str:
     return json.dumps(value)
 
 
-def render_json(layout: Layout, *, rank: Optional[int] = None, max_groups: Optional[int] = 8) -> str:
-    """:func:`layout_report` as JSON text: indented, one line per rank list, ending in a newline."""
-    return _json_text(layout_report(layout, rank=rank, max_groups=max_groups)) + "\n"
+def render_json(
+    layout: Layout,
+    *,
+    rank: Optional[int] = None,
+    max_groups: Optional[int] = 8,
+    max_members: Optional[int] = MAX_LISTED_MEMBERS,
+    max_ranks: Optional[int] = MAX_LISTED_RANKS,
+    extra: Iterable[PlanRow] = (),
+) -> str:
+    """:func:`layout_report` as JSON text: indented, one line per rank list, ending in a newline.
+
+    Example: ``json.loads(render_json(plan(8, tp=2)))["kinds"]["tp"]["groups"][0] == [0, 1]``.
+    """
+    report = layout_report(
+        layout, rank=rank, max_groups=max_groups, max_members=max_members, max_ranks=max_ranks, extra=extra
+    )
+    return _json_text(report) + "\n"
 
 
 # -- SVG -----------------------------------------------------------------------
@@ -366,6 +447,9 @@ _NODE_GAP = 10
 _CELL_H = 34
 _TEXT_W = 6.8  # rough width of one 12px character, for sizing the canvas
 
+#: A title line: text, font size, weight.
+_Title = Tuple[str, int, str]
+
 
 def _fill(index: int) -> str:
     return _PALETTE[index % len(_PALETTE)]
@@ -412,8 +496,8 @@ def _extent(layout: Layout, kind: str, cover_groups: int) -> _Extent:
     cap = _MAX_CELLS // unit
     fewest = min(cap, max(2, -(-_MIN_SHOWN_RANKS // unit)))  # two rows at least: shows a boundary
     needed = fewest
-    for group in itertools.islice(layout.iter_groups(kind), cover_groups):
-        needed = max(needed, group[-1] // unit + 1)
+    for index in range(min(cover_groups, layout.num_groups(kind))):
+        needed = max(needed, layout.group_view(kind, index).last // unit + 1)
         if needed >= cap:
             break
     if needed > cap:  # the first groups do not fit anyway: the smallest picture shows the pattern
@@ -440,6 +524,190 @@ def _text(
     return f"<text {attrs}>{_escape(content)}</text>"
 
 
+def _shown_text(extent: _Extent, world: int, row_name: str) -> str:
+    """The title line saying which part of a large world is drawn."""
+    last = extent.ranks - 1
+    if extent.rows == 1 and extent.ranks < extent.unit:
+        return f"showing ranks 0..{last} of {world} (part of {row_name} 0)"
+    if extent.rows == 1:
+        return f"showing {row_name} 0 of {extent.total_rows} (ranks 0..{last} of {world})"
+    return f"showing {row_name}s 0..{extent.rows - 1} of {extent.total_rows} (ranks 0..{last} of {world})"
+
+
+def _svg_titles(
+    layout: Layout, kind: str, extent: _Extent, rank: Optional[int], rank_view: Optional[GroupView]
+) -> List[_Title]:
+    """The lines above the grid: config, grids, the kind and its placement, what is drawn, the rank."""
+    config = layout.config
+    world, gpn = layout.world_size, config.gpus_per_node
+    count, size = layout.num_groups(kind), layout.size(kind)
+    if gpn is not None:
+        placement = "every group stays inside one node" if layout.intra_node(kind) else "groups cross nodes"
+    else:
+        placement = f"node placement unknown (no GPUs per node given; rows of {_plural(extent.unit, 'rank')})"
+    nodes = "" if gpn is None else f" = {_plural(world // gpn, 'node')} × {_plural(gpn, 'GPU')}"
+    grids = f"dense grid {_grid_text(layout, 'dense')};  expert grid {_grid_text(layout, 'expert')}"
+    titles: List[_Title] = [
+        (f"mpu-bridge plan: {_plural(world, 'rank')}{nodes}, order {config.order}", 14, "bold"),
+        (grids, 12, "normal"),
+        (
+            f"coloured by {kind} ({layout.spec(kind).description}): {_plural(count, 'group')} of "
+            f"{_plural(size, 'rank')} — {placement}",
+            12,
+            "bold",
+        ),
+    ]
+    if extent.ranks < world:
+        titles.append((_shown_text(extent, world, "node" if gpn is not None else "row"), 12, "normal"))
+    if rank is not None and rank_view is not None:
+        where = f" (node {layout.node_of(rank)})" if gpn is not None else ""
+        drawn = " (outlined)" if rank < extent.ranks else " (not drawn)"
+        index = layout.group_index(kind, rank)
+        titles.append(
+            (f"rank {rank}{where} is in {kind} group #{index} {abbreviate_ranks(rank_view)}{drawn}", 12, "normal")
+        )
+    return titles
+
+
+@dataclass(frozen=True)
+class _Grid:
+    """Where the cells go: ``line`` cells per drawn line, each ``cell_w`` wide, from ``x``."""
+
+    extent: _Extent
+    row_name: str
+    line: int
+    cell_w: int
+    x: int
+    width: int
+    top: int
+
+    @classmethod
+    def build(cls, extent: _Extent, row_name: str, title_count: int) -> "_Grid":
+        line = _line_width(extent.unit)
+        cell_w = max(44, 8 * len(str(max(extent.ranks - 1, 0))) + 14)
+        longest_label = len(f"{row_name} {max(extent.rows - 1, 0)}")
+        x = _MARGIN + int(longest_label * _TEXT_W) + 14
+        top = _MARGIN + 18 * title_count + 8
+        return cls(extent, row_name, line, cell_w, x, line * (cell_w + _GAP) - _GAP, top)
+
+
+def _svg_cell(x: int, y: int, width: int, cell_rank: int, index: int, stroke: str) -> List[str]:
+    """One rank's cell: its group's fill (and hatch), the rank, and ``#group``."""
+    out = [
+        f'<g class="cell" data-rank="{cell_rank}" data-group="{index}">',
+        f'<rect x="{x}" y="{y}" width="{width}" height="{_CELL_H}" rx="3" fill="{_fill(index)}" {stroke}/>',
+    ]
+    pattern = _pattern(index)
+    if pattern is not None:
+        out.append(f'<rect x="{x}" y="{y}" width="{width}" height="{_CELL_H}" rx="3" fill="url(#{pattern})"/>')
+    middle = x + width / 2
+    out.append(_text(middle, y + 15, str(cell_rank), weight="bold", anchor="middle", fill="#111"))
+    out.append(_text(middle, y + 28, f"#{index}", size=9, anchor="middle", fill="#333"))
+    out.append("</g>")
+    return out
+
+
+def _stroke(cell_rank: int, rank: Optional[int], rank_view: Optional[GroupView]) -> str:
+    if cell_rank == rank:
+        return 'stroke="#000" stroke-width="3"'
+    if rank_view is not None and cell_rank in rank_view:
+        return 'stroke="#000" stroke-width="2" stroke-dasharray="4 2"'
+    return 'stroke="#666" stroke-width="0.75"'
+
+
+def _svg_rows(
+    layout: Layout, kind: str, grid: _Grid, rank: Optional[int], rank_view: Optional[GroupView]
+) -> Tuple[List[str], List[int], int]:
+    """Every drawn row (node) with its cells; the groups drawn, in order of first appearance; the y below."""
+    extent, name = grid.extent, grid.row_name
+    out: List[str] = []
+    drawn: Dict[int, None] = {}  # group indices in order of first appearance
+    y = grid.top
+    for row in range(extent.rows):
+        row_start = row * extent.unit
+        row_ranks = range(row_start, min(row_start + extent.unit, extent.ranks))
+        height = -(-len(row_ranks) // grid.line) * (_CELL_H + _GAP) - _GAP
+        out.append(f'<g class="{name}" data-{name}="{row}">')
+        out.append(
+            f'<rect x="{grid.x - 5}" y="{y - 5}" width="{grid.width + 10}" height="{height + 10}" '
+            'rx="6" fill="#f4f4f4" stroke="#b0b0b0"/>'
+        )
+        out.append(_text(_MARGIN, y + _CELL_H / 2 + 4, f"{name} {row}", size=12, fill="#555"))
+        for position, cell_rank in enumerate(row_ranks):
+            index = layout.group_index(kind, cell_rank)
+            drawn.setdefault(index)
+            x = grid.x + (position % grid.line) * (grid.cell_w + _GAP)
+            cy = y + (position // grid.line) * (_CELL_H + _GAP)
+            out.extend(_svg_cell(x, cy, grid.cell_w, cell_rank, index, _stroke(cell_rank, rank, rank_view)))
+        out.append("</g>")
+        y += height + _NODE_GAP
+    return out, list(drawn), y
+
+
+def _legend_entries(layout: Layout, kind: str, drawn: Sequence[int]) -> Tuple[List[int], List[str]]:
+    """The groups the legend lists (at most ``_MAX_LEGEND``) and one text per entry, plus a tail."""
+    count = layout.num_groups(kind)
+    listed = sorted(drawn)[:_MAX_LEGEND]
+    entries = [f"#{index}: {abbreviate_ranks(layout.group_view(kind, index))}" for index in listed]
+    if len(drawn) > len(listed):
+        entries.append(f"… and {len(drawn) - len(listed)} more drawn, {count} in all")
+    elif len(drawn) < count:
+        entries.append(f"… {count - len(drawn)} more not drawn, {count} in all")
+    return listed, entries
+
+
+def _canvas_width(grid: _Grid, titles: Sequence[_Title], entry_w: int) -> int:
+    title_w = max(
+        int(len(text) * _TEXT_W * (size / 12) * (1.1 if weight == "bold" else 1.0)) for text, size, weight in titles
+    )
+    return max(grid.x + grid.width + _MARGIN + 5, title_w + 2 * _MARGIN, entry_w + 2 * _MARGIN)
+
+
+def _svg_legend(
+    kind: str, listed: Sequence[int], entries: Sequence[str], top: int, canvas_w: int, entry_w: int
+) -> Tuple[List[str], int]:
+    """The legend below the grid (swatch and members per group) and the canvas height it needs."""
+    out = [_text(_MARGIN, top, f"{kind} groups drawn (#index: members):", size=12, weight="bold")]
+    columns = max(1, (canvas_w - 2 * _MARGIN) // entry_w)
+    for i, entry in enumerate(entries):
+        ex = _MARGIN + (i % columns) * entry_w
+        ey = top + 12 + (i // columns) * 20
+        if i >= len(listed):
+            out.append(_text(ex, ey + 11, entry, size=11, fill="#555"))
+            continue
+        index = listed[i]
+        out.append(
+            f'<rect x="{ex}" y="{ey}" width="16" height="14" rx="2" fill="{_fill(index)}" '
+            'stroke="#666" stroke-width="0.75"/>'
+        )
+        pattern = _pattern(index)
+        if pattern is not None:
+            out.append(f'<rect x="{ex}" y="{ey}" width="16" height="14" rx="2" fill="url(#{pattern})"/>')
+        out.append(_text(ex + 22, ey + 11, entry, size=11))
+    height = top + 12 + (-(-len(entries) // columns)) * 20 + _MARGIN
+    return out, height
+
+
+def _svg_document(width: int, height: int, titles: Sequence[_Title], patterns: Set[str], body: List[str]) -> str:
+    """The SVG file: header, title, pattern definitions, background, title lines, then ``body``."""
+    out = [
+        '<?xml version="1.0" encoding="UTF-8"?>',
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        f'viewBox="0 0 {width} {height}" font-family="{_escape(_FONT)}">',
+        f"<title>{_escape(titles[0][0] + '; ' + titles[2][0])}</title>",
+    ]
+    if patterns:
+        out.append("<defs>" + "".join(_PATTERN_DEFS[p] for p in sorted(patterns)) + "</defs>")
+    out.append(f'<rect width="{width}" height="{height}" fill="#fff"/>')
+    y = _MARGIN + 12
+    for text, size, weight in titles:
+        out.append(_text(_MARGIN, y, text, size=size, weight=weight, fill="#111"))
+        y += 18
+    out.extend(body)
+    out.append("</svg>")
+    return "\n".join(out) + "\n"
+
+
 def render_svg(
     layout: Layout,
     *,
@@ -461,179 +729,18 @@ def render_svg(
 
     Example: ``render_svg(plan(64, tp=2, pp=2, ep=4, gpus_per_node=8), color_by="ep")``.
     """
+    _check_layout(layout)
     kind = default_color_kind(layout) if color_by is None else color_by
-    spec = layout.spec(kind)  # raises LayoutError for an unknown kind
-    config = layout.config
-    world = layout.world_size
-    gpn = config.gpus_per_node
-    rank_group: List[int] = []
-    if rank is not None:
-        rank_group = layout.group_of(kind, rank)  # validates the rank
-    highlighted = set(rank_group)
-
-    extent = _extent(layout, kind, layout.num_groups(kind) if max_groups is None else max(1, max_groups))
-    line = _line_width(extent.unit)
-    row_name = "node" if gpn is not None else "row"
-
-    # -- text above the grid
-    count, size = layout.num_groups(kind), layout.size(kind)
-    if gpn is not None:
-        placement = "every group stays inside one node" if layout.intra_node(kind) else "groups cross nodes"
-    else:
-        placement = f"node placement unknown (no GPUs per node given; rows of {_plural(extent.unit, 'rank')})"
-    nodes = "" if gpn is None else f" = {_plural(world // gpn, 'node')} × {_plural(gpn, 'GPU')}"
-    title_lines = [
-        (f"mpu-bridge plan: {_plural(world, 'rank')}{nodes}, order {config.order}", 14, "bold"),
-        (
-            f"dense grid {_grid_text(layout, 'dense')};  expert grid {_grid_text(layout, 'expert')}",
-            12,
-            "normal",
-        ),
-        (
-            f"coloured by {kind} ({spec.description}): {_plural(count, 'group')} of "
-            f"{_plural(size, 'rank')} — {placement}",
-            12,
-            "bold",
-        ),
-    ]
-    if extent.ranks < world:
-        if extent.rows == 1 and extent.ranks < extent.unit:
-            shown = f"showing ranks 0..{extent.ranks - 1} of {world} (part of {row_name} 0)"
-        elif extent.rows == 1:
-            shown = f"showing {row_name} 0 of {extent.total_rows} (ranks 0..{extent.ranks - 1} of {world})"
-        else:
-            shown = (
-                f"showing {row_name}s 0..{extent.rows - 1} of {extent.total_rows} "
-                f"(ranks 0..{extent.ranks - 1} of {world})"
-            )
-        title_lines.append((shown, 12, "normal"))
-    if rank is not None:
-        where = f" (node {layout.node_of(rank)})" if gpn is not None else ""
-        drawn = " (outlined)" if rank < extent.ranks else " (not drawn)"
-        title_lines.append(
-            (
-                f"rank {rank}{where} is in {kind} group #{layout.group_index(kind, rank)} "
-                f"{abbreviate_ranks(rank_group)}{drawn}",
-                12,
-                "normal",
-            )
-        )
-
-    # -- geometry
-    cell_w = max(44, 8 * len(str(max(extent.ranks - 1, 0))) + 14)
-    labels = [f"{row_name} {r}" for r in range(extent.rows)]
-    label_w = int(max(len(label) for label in labels) * _TEXT_W) + 14
-    title_h = _MARGIN + 18 * len(title_lines) + 8
-    grid_x = _MARGIN + label_w
-    grid_w = line * (cell_w + _GAP) - _GAP
-
-    out: List[str] = []
-    defs_used: List[str] = []
-    cells: List[str] = []
-    group_order: List[int] = []  # groups in order of first appearance
-    seen_groups = set()
-    y = title_h
-    for row in range(extent.rows):
-        row_start = row * extent.unit
-        row_ranks = range(row_start, min(row_start + extent.unit, extent.ranks))
-        lines_here = -(-len(row_ranks) // line)
-        height = lines_here * (_CELL_H + _GAP) - _GAP
-        cells.append(f'<g class="{row_name}" data-{row_name}="{row}">')
-        cells.append(
-            f'<rect x="{grid_x - 5}" y="{y - 5}" width="{grid_w + 10}" height="{height + 10}" '
-            'rx="6" fill="#f4f4f4" stroke="#b0b0b0"/>'
-        )
-        cells.append(_text(_MARGIN, y + _CELL_H / 2 + 4, labels[row], size=12, fill="#555"))
-        for position, cell_rank in enumerate(row_ranks):
-            index = layout.group_index(kind, cell_rank)
-            if index not in seen_groups:
-                seen_groups.add(index)
-                group_order.append(index)
-            x = grid_x + (position % line) * (cell_w + _GAP)
-            cy = y + (position // line) * (_CELL_H + _GAP)
-            if cell_rank == rank:
-                stroke = 'stroke="#000" stroke-width="3"'
-            elif cell_rank in highlighted:
-                stroke = 'stroke="#000" stroke-width="2" stroke-dasharray="4 2"'
-            else:
-                stroke = 'stroke="#666" stroke-width="0.75"'
-            cells.append(f'<g class="cell" data-rank="{cell_rank}" data-group="{index}">')
-            cells.append(
-                f'<rect x="{x}" y="{cy}" width="{cell_w}" height="{_CELL_H}" rx="3" '
-                f'fill="{_fill(index)}" {stroke}/>'
-            )
-            pattern = _pattern(index)
-            if pattern is not None:
-                if pattern not in defs_used:
-                    defs_used.append(pattern)
-                cells.append(
-                    f'<rect x="{x}" y="{cy}" width="{cell_w}" height="{_CELL_H}" rx="3" '
-                    f'fill="url(#{pattern})"/>'
-                )
-            middle = x + cell_w / 2
-            cells.append(_text(middle, cy + 15, str(cell_rank), weight="bold", anchor="middle", fill="#111"))
-            cells.append(_text(middle, cy + 28, f"#{index}", size=9, anchor="middle", fill="#333"))
-            cells.append("</g>")
-        cells.append("</g>")
-        y += height + _NODE_GAP
-
-    # -- legend below the grid
-    legend_y = y + 14
-    legend: List[str] = []
-    listed = sorted(group_order)[:_MAX_LEGEND]
-    legend.append(_text(_MARGIN, legend_y, f"{kind} groups drawn (#index: members):", size=12, weight="bold"))
-    entries = [f"#{index}: {abbreviate_ranks(layout.group(kind, index))}" for index in listed]
-    if len(group_order) > len(listed):
-        entries.append(f"… and {len(group_order) - len(listed)} more drawn, {count} in all")
-    elif len(group_order) < count:
-        entries.append(f"… {count - len(group_order)} more not drawn, {count} in all")
+    layout.spec(kind)  # raises LayoutError for an unknown kind
+    limit = _limit("max_groups", max_groups)
+    rank_view = None if rank is None else layout.group_view_of(kind, rank)  # validates the rank
+    extent = _extent(layout, kind, layout.num_groups(kind) if limit is None else max(1, limit))
+    titles = _svg_titles(layout, kind, extent, rank, rank_view)
+    grid = _Grid.build(extent, "node" if layout.config.gpus_per_node is not None else "row", len(titles))
+    cells, drawn, bottom = _svg_rows(layout, kind, grid, rank, rank_view)
+    listed, entries = _legend_entries(layout, kind, drawn)
     entry_w = int(max(len(e) for e in entries) * _TEXT_W * 0.95) + 34
-    canvas_w = max(
-        grid_x + grid_w + _MARGIN + 5,
-        max(
-            int(len(text) * _TEXT_W * (size / 12) * (1.1 if weight == "bold" else 1.0))
-            for text, size, weight in title_lines
-        )
-        + 2 * _MARGIN,
-        entry_w + 2 * _MARGIN,
-    )
-    columns = max(1, (canvas_w - 2 * _MARGIN) // entry_w)
-    for i, entry in enumerate(entries):
-        ex = _MARGIN + (i % columns) * entry_w
-        ey = legend_y + 12 + (i // columns) * 20
-        if i < len(listed):
-            index = listed[i]
-            legend.append(
-                f'<rect x="{ex}" y="{ey}" width="16" height="14" rx="2" fill="{_fill(index)}" '
-                'stroke="#666" stroke-width="0.75"/>'
-            )
-            pattern = _pattern(index)
-            if pattern is not None:
-                if pattern not in defs_used:
-                    defs_used.append(pattern)
-                legend.append(
-                    f'<rect x="{ex}" y="{ey}" width="16" height="14" rx="2" fill="url(#{pattern})"/>'
-                )
-            legend.append(_text(ex + 22, ey + 11, entry, size=11))
-        else:
-            legend.append(_text(ex, ey + 11, entry, size=11, fill="#555"))
-    canvas_h = legend_y + 12 + (-(-len(entries) // columns)) * 20 + _MARGIN
-
-    title = title_lines[0][0] + "; " + title_lines[2][0]
-    out.append('<?xml version="1.0" encoding="UTF-8"?>')
-    out.append(
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{canvas_w}" height="{canvas_h}" '
-        f'viewBox="0 0 {canvas_w} {canvas_h}" font-family="{_escape(_FONT)}">'
-    )
-    out.append(f"<title>{_escape(title)}</title>")
-    if defs_used:
-        out.append("<defs>" + "".join(_PATTERN_DEFS[p] for p in sorted(defs_used)) + "</defs>")
-    out.append(f'<rect width="{canvas_w}" height="{canvas_h}" fill="#fff"/>')
-    ty = _MARGIN + 12
-    for text, size, weight in title_lines:
-        out.append(_text(_MARGIN, ty, text, size=size, weight=weight, fill="#111"))
-        ty += 18
-    out.extend(cells)
-    out.extend(legend)
-    out.append("</svg>")
-    return "\n".join(out) + "\n"
+    canvas_w = _canvas_width(grid, titles, entry_w)
+    legend, canvas_h = _svg_legend(kind, listed, entries, bottom + 14, canvas_w, entry_w)
+    patterns = {p for p in map(_pattern, drawn) if p is not None}
+    return _svg_document(canvas_w, canvas_h, titles, patterns, cells + legend)

@@ -346,6 +346,72 @@ def test_json_report_equals_to_dict(tp, pp, dp, rank_pick):
         assert report["rank"]["groups"][kind]["ranks"] == layout.group_of(kind, rank)
 
 
+# -- hpZ and all-to-all rows ------------------------------------------------------
+
+
+def test_text_shows_hpz_and_all_to_all_rows_in_their_own_table(capsys):
+    status, out, _ = run(capsys, *PLAN16, "--hpz", "2", "--rank", "5")
+    assert status == 0
+    rows = table_rows(out, "family ")
+    assert rows["hpz"] == [
+        "ZeRO++ hpZ: blocks of 2 of each dp x cp group", "2", "8", "yes", "[0,2] [4,6] [1,3] [5,7] …"
+    ]
+    assert rows["a2a-local"][1:4] == ["4", "4", "yes"]
+    assert rows["a2a-global"][1:] == ["4", "4", "no — crosses nodes", "[0,4,8,12] [1,5,9,13] [2,6,10,14] [3,7,11,15]"]
+    assert list(table_rows(out, "kind ")) == list(KINDS)  # the kinds' table is unchanged
+    mine = table_rows(out, "family      group")
+    assert mine == {
+        "hpz": ["3", "0", "[5,7]", "node 1"],
+        "a2a-local": ["1", "1", "[4,5,6,7]", "node 1"],
+        "a2a-global": ["1", "1", "[1,5,9,13]", "4 nodes [0,1,2,3]"],
+    }
+
+
+def test_all_to_all_rows_need_gpus_per_node_and_hpz_needs_the_option(capsys):
+    _, out, _ = run(capsys, "plan", "--world-size", "16", "--tp", "2")
+    assert "family" not in out and "a2a-" not in out and "hpz" not in out
+    _, out, _ = run(capsys, "plan", "--world-size", "16", "--tp", "2", "--hpz", "4")
+    assert list(table_rows(out, "family ")) == ["hpz"]
+    _, out, _ = run(capsys, "plan", "--help")
+    assert "--hpz" in out and "all-to-all" in out
+
+
+def test_json_lists_hpz_and_all_to_all_under_derived(capsys):
+    _, out, _ = run(capsys, *PLAN16, "--hpz", "2", "--rank", "5", "--format", "json")
+    data = json.loads(out)
+    assert list(data["kinds"]) == list(KINDS)
+    assert list(data["derived"]) == ["hpz", "a2a-local", "a2a-global"]
+    assert data["derived"]["hpz"]["groups"] == [[0, 2], [4, 6], [1, 3], [5, 7], [8, 10], [12, 14], [9, 11], [13, 15]]
+    assert data["derived"]["a2a-global"]["intra_node"] is False
+    assert data["rank"]["derived"]["hpz"] == {"index": 3, "position": 0, "ranks": [5, 7], "nodes": [1]}
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (PLAN16 + ["--hpz", "3"], "mpu-bridge: error: hpZ partition size 3 does not divide the data-parallel size 4"),
+        (PLAN16 + ["--hpz", "0"], "mpu-bridge: error: partition_size must be a positive integer, got 0"),
+        (
+            ["plan", "--world-size", "24", "--tp", "2", "--cp", "2", "--order", "cp-tp-ep-dp-pp", "--hpz", "3"],
+            "mpu-bridge: error: chunks of 3 ranks of a group shaped",
+        ),
+    ],
+)
+def test_bad_hpz_exits_2_with_one_line(capsys, args, message):
+    status, out, err = run(capsys, *args)
+    assert (status, out) == (2, "")
+    assert err.startswith(message)
+    assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("argv", [["plan", "--world-size", 8], "plan --world-size 8", [b"plan"]])
+def test_main_refuses_arguments_that_are_not_strings(capsys, argv):
+    status = main(argv)
+    out, err = capsys.readouterr()
+    assert (status, out) == (2, "")
+    assert err.startswith("mpu-bridge: error: arguments must be a list of strings")
+
+
 # -- output and errors -----------------------------------------------------------
 
 
@@ -458,6 +524,28 @@ def test_console_script_prints_the_plan():
     assert result.returncode == 0, result.stderr
     assert "rank 13 on node 1 (ranks 8..15)" in result.stdout
     assert table_rows(result.stdout, "kind ")["ep"][1:4] == ["4", "16", "yes"]
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--world-size", "16", "--hpz", "3"],
+        ["--world-size", "16", "--rank", "-1", "--format", "json"],
+        ["--world-size", "0", "--format", "svg"],
+        ["--world-size", "16", "--tp", "2", "--ep", "16"],
+    ],
+)
+def test_bad_input_is_one_line_under_python_dash_o(args):
+    result = subprocess.run(
+        [sys.executable, "-O", "-m", "mpu_bridge", "plan", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=_env(),
+    )
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr.startswith("mpu-bridge: error: ")
+    assert len(result.stderr.strip().splitlines()) == 1
 
 
 def test_python_m_reports_bad_sizes_without_traceback():

@@ -1,4 +1,4 @@
-"""Every invalid input to the layout engine raises LayoutError naming the numbers.
+"""Every invalid input to the layout engine and the planner on it raises LayoutError naming the numbers.
 
 A LayoutError is also a ValueError (what callers catching bad arguments expect)
 and a BridgeError (the library's base class). The checks are not ``assert``
@@ -16,6 +16,18 @@ from typing import Any, Callable, List, NamedTuple
 import pytest
 
 from mpu_bridge import BridgeError, LayoutError, ParallelConfig, RankGrid, plan
+from mpu_bridge.groupview import GroupView
+from mpu_bridge.layout import Layout, expert_order
+from mpu_bridge.planrows import all_to_all_rows, hpz_row, kind_row
+from mpu_bridge.render import (
+    abbreviate_ranks,
+    default_color_kind,
+    layout_report,
+    render_json,
+    render_svg,
+    render_text,
+    row_width,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -179,6 +191,114 @@ CASES = {
     "rank grid size zero": Case(lambda: RankGrid.build(dp=0), ["dp must be a positive integer"]),
     "rank grid missing token": Case(
         lambda: RankGrid.build(tp=2, order="cp-dp-pp"), ["does not name 'tp'", "tp = 2"]
+    ),
+    "rank grid unknown token": Case(
+        lambda: RankGrid.build(tp=2).groups(("tp", "xp")), ["unknown dimension token 'xp'", "tp, cp"]
+    ),
+    "rank grid tokens as one string": Case(
+        lambda: RankGrid.build(tp=2).groups("tp"), ["tuple of dimension tokens", "the string 'tp'"]
+    ),
+    "rank grid tokens not iterable": Case(
+        lambda: RankGrid.build(tp=2).geometry(3), ["tuple of dimension tokens", "int"]
+    ),
+    "rank grid rank outside": Case(
+        lambda: RankGrid.build(tp=2, dp=2).group_of(("tp",), 4), ["rank 4", "world of 4 ranks", "0..3"]
+    ),
+    "rank grid bool rank": Case(
+        lambda: RankGrid.build(tp=2).group_of(("tp",), True), ["rank must be an integer", "bool"]
+    ),
+    "rank grid size of unknown token": Case(
+        lambda: RankGrid.build(tp=2).size_of("xx"), ["unknown dimension token 'xx'"]
+    ),
+    "layout of a non-config": Case(lambda: Layout("8"), ["Layout needs a ParallelConfig", "str", "plan("]),
+    # -- export limits -----------------------------------------------------------------------
+    "to_dict negative max_groups": Case(
+        lambda: plan(8).to_dict(max_groups=-1), ["max_groups must be None (no limit) or an integer >= 0", "-1"]
+    ),
+    "to_dict bool max_groups": Case(lambda: plan(8).to_dict(max_groups=True), ["max_groups", "bool"]),
+    "to_dict float max_groups": Case(lambda: plan(8).to_dict(max_groups=2.0), ["max_groups", "2.0", "float"]),
+    "to_dict string max_groups": Case(lambda: plan(8).to_dict(max_groups="all"), ["max_groups", "'all'", "str"]),
+    "to_dict zero max_members": Case(
+        lambda: plan(8).to_dict(max_members=0), ["max_members must be a positive integer", "got 0"]
+    ),
+    "to_dict negative max_ranks": Case(lambda: plan(8).to_dict(max_ranks=-5), ["max_ranks", "-5"]),
+    # -- expert orders ---------------------------------------------------------------------------
+    "expert order None": Case(lambda: expert_order(None), ["order must be a string", "None"]),
+    "expert order unknown token": Case(lambda: expert_order("tp-xp"), ["unknown token 'xp'"]),
+    "expert order repeated token": Case(lambda: expert_order("tp-dp-dp"), ["'dp' twice"]),
+    "expert order truthy string flag": Case(
+        lambda: expert_order("tp-dp", "no"), ["data_before_expert must be True, False or None", "'no'", "str"]
+    ),
+    "expert order int flag": Case(
+        lambda: expert_order("tp-dp", 1), ["data_before_expert must be True, False or None", "int"]
+    ),
+    # -- group views -----------------------------------------------------------------------------
+    "group view index past the end": Case(
+        lambda: plan(8, tp=2).group_view("tp", 4), ["group index 4", "0..3", "'tp'"]
+    ),
+    "group view bool index": Case(lambda: plan(8, tp=2).group_view("tp", False), ["group index False"]),
+    "group view of a float rank": Case(
+        lambda: plan(8).group_view_of("dp", 2.0), ["rank must be an integer", "float"]
+    ),
+    "group view of a rank outside": Case(lambda: plan(8).group_view_of("dp", 8), ["rank 8", "0..7"]),
+    "group view of an unknown kind": Case(lambda: plan(8).group_view_of("dpx", 0), ["'dpx'", ALL_KINDS_LISTED]),
+    "view with a negative start": Case(lambda: GroupView(-1, ((2, 1),)), ["first rank must be >= 0", "-1"]),
+    "view with a zero step": Case(lambda: GroupView(0, ((2, 0),)), ["step must be a positive integer", "got 0"]),
+    "view with a float count": Case(lambda: GroupView(0, ((2.0, 1),)), ["count", "2.0", "float"]),
+    "view with overlapping dims": Case(
+        lambda: GroupView(0, ((4, 1), (2, 2))), ["(count 2, step 2) overlaps", "span 3"]
+    ),
+    "view with a bad dim": Case(lambda: GroupView(0, ((2, 1, 3),)), ["(count, step) pair", "(2, 1, 3)"]),
+    "view chunk not dividing": Case(
+        lambda: GroupView(0, ((6, 1),)).chunk(0, 4), ["chunks of 4 ranks do not divide a group of 6"]
+    ),
+    "view chunks shaped unalike": Case(
+        lambda: GroupView(0, ((2, 1), (3, 4))).chunk(0, 3), ["not all shaped alike"]
+    ),
+    "view chunk index outside": Case(lambda: GroupView(0, ((6, 1),)).chunk(3, 2), ["chunk index 3", "0..2"]),
+    "view first negative": Case(lambda: GroupView(0, ((6, 1),)).first(-1), ["first(n) needs n >= 0", "-1"]),
+    "view nodes of zero GPUs": Case(
+        lambda: GroupView(0, ((6, 1),)).nodes(0), ["gpus_per_node must be a positive integer", "got 0"]
+    ),
+    # -- the planner's renderers and rows -----------------------------------------------------------
+    "render text of a non-layout": Case(lambda: render_text("plan"), ["expected a Layout", "str"]),
+    "render text negative max_groups": Case(
+        lambda: render_text(plan(8), max_groups=-1), ["max_groups must be None (no limit) or an integer >= 0"]
+    ),
+    "render text bool max_groups": Case(lambda: render_text(plan(8), max_groups=True), ["max_groups", "bool"]),
+    "render text zero fit_width": Case(
+        lambda: render_text(plan(8), fit_width=0), ["fit_width must be a positive integer", "got 0"]
+    ),
+    "render text float fit_width": Case(lambda: render_text(plan(8), fit_width=56.0), ["fit_width", "float"]),
+    "render text bool rank": Case(lambda: render_text(plan(8), rank=True), ["rank must be an integer", "bool"]),
+    "render text rank outside": Case(lambda: render_text(plan(8), rank=8), ["rank 8", "0..7"]),
+    "render text extra not a row": Case(lambda: render_text(plan(8), extra=["hpz"]), ["PlanRow", "'hpz'"]),
+    "render json negative max_groups": Case(lambda: render_json(plan(8), max_groups=-2), ["max_groups", "-2"]),
+    "render json zero max_members": Case(
+        lambda: render_json(plan(8), max_members=0), ["max_members must be a positive integer"]
+    ),
+    "render json string rank": Case(lambda: render_json(plan(8), rank="3"), ["rank must be an integer", "str"]),
+    "layout report of None": Case(lambda: layout_report(None), ["expected a Layout", "NoneType"]),
+    "render svg negative max_groups": Case(lambda: render_svg(plan(8), max_groups=-1), ["max_groups", "-1"]),
+    "render svg unknown kind": Case(lambda: render_svg(plan(8), color_by="xp"), ["'xp'", ALL_KINDS_LISTED]),
+    "render svg float rank": Case(lambda: render_svg(plan(8), rank=1.5), ["rank must be an integer", "float"]),
+    "default colour of a non-layout": Case(lambda: default_color_kind(8), ["expected a Layout", "int"]),
+    "row width of a non-layout": Case(lambda: row_width({}), ["expected a Layout", "dict"]),
+    "abbreviate negative limit": Case(
+        lambda: abbreviate_ranks([1, 2], limit=-1), ["limit must be a positive integer", "-1"]
+    ),
+    "abbreviate truthy string flag": Case(
+        lambda: abbreviate_ranks([1, 2], show_count="no"), ["show_count must be True or False", "'no'"]
+    ),
+    "kind row of an unknown kind": Case(lambda: kind_row(plan(8), "zz"), ["'zz'", ALL_KINDS_LISTED]),
+    "hpz size not dividing dp": Case(
+        lambda: hpz_row(plan(8, tp=2), 3), ["hpZ partition size 3", "data-parallel size 4"]
+    ),
+    "hpz size bool": Case(lambda: hpz_row(plan(8), True), ["partition_size", "bool"]),
+    "hpz size zero": Case(lambda: hpz_row(plan(8), 0), ["partition_size must be a positive integer", "got 0"]),
+    "hpz of a non-layout": Case(lambda: hpz_row("8", 2), ["expected a Layout", "str"]),
+    "all-to-all without gpus_per_node": Case(
+        lambda: all_to_all_rows(plan(8)), ["all-to-all groups need gpus_per_node"]
     ),
 }
 

@@ -1,0 +1,92 @@
+"""The one table of group kinds: every name a kind goes by, in one row.
+
+A *kind* is one way of cutting the world into groups (tensor parallel, expert
+data parallel, ...). Each row says which rank grid it is read from and which of
+the grid's dimensions vary inside a group (``grid``, ``tokens``), and every name
+the kind has elsewhere: the MPU dimension :mod:`mpu_bridge.mpu` answers
+(``dim``), the :class:`~mpu_bridge.bridge.Bridge` method (``method``), the
+legacy ``mpu`` getter prefixes DeepSpeed calls (``legacy``), the field of
+megatron-core's ``ProcessGroupCollection`` (``pg_field``) and the ``DeviceMesh``
+dimension name (``mesh_dim``). Every other name table in the package is derived
+from :data:`KIND_TABLE`. No torch here.
+
+Example::
+
+    >>> KIND_BY_DIM["sdp"].name, KIND_BY_DIM["sdp"].method
+    ('dp-cp', 'sequence_data_parallel')
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Mapping, Optional, Tuple
+
+__all__ = ["Kind", "KIND_TABLE", "KINDS", "KIND_BY_DIM", "KIND_BY_METHOD", "kind_named"]
+
+
+@dataclass(frozen=True)
+class Kind:
+    """One group kind and all its names (see the module docstring).
+
+    ``grid`` is ``"dense"`` (sizes tp, cp, dp, pp) or ``"expert"`` (sizes etp, ep,
+    edp, pp); ``tokens`` are the grid's dimensions that vary inside one group.
+    Names are None where the kind has no such name.
+    """
+
+    name: str
+    grid: str
+    tokens: Tuple[str, ...]
+    description: str
+    dim: str
+    method: Optional[str] = None
+    legacy: Tuple[str, ...] = ()
+    pg_field: Optional[str] = None
+    mesh_dim: Optional[str] = None
+
+
+KIND_TABLE: Tuple[Kind, ...] = (
+    Kind("tp", "dense", ("tp",), "tensor parallel", "tp", "tensor_parallel",
+         ("tensor_model_parallel", "slice_parallel"), "tp", "tp"),
+    Kind("cp", "dense", ("cp",), "context parallel", "cp", "sequence_parallel",
+         ("sequence_parallel",), "cp", "cp"),
+    Kind("dp", "dense", ("dp",), "data parallel", "dp", "data_parallel",
+         ("data_parallel",), "dp", "dp"),
+    Kind("pp", "dense", ("pp",), "pipeline parallel", "pp", "pipeline_parallel",
+         ("pipeline_model_parallel", "pipe_parallel"), "pp", "pp"),
+    Kind("dp-cp", "dense", ("dp", "cp"), "data x context parallel", "sdp", "sequence_data_parallel",
+         ("sequence_data_parallel",), "dp_cp", "dp_cp"),
+    Kind("tp-cp", "dense", ("tp", "cp"), "tensor x context parallel", "tp-cp", pg_field="tp_cp"),
+    Kind("tp-dp", "dense", ("tp", "dp"), "tensor x data parallel", "tp-dp"),
+    Kind("tp-dp-cp", "dense", ("tp", "dp", "cp"), "tensor x data x context parallel", "tp-dp-cp",
+         pg_field="tp_dp_cp"),
+    Kind("mp", "dense", ("tp", "pp"), "model parallel (tensor x pipeline)", "mp", "model_parallel",
+         ("model_parallel",), "mp"),
+    Kind("ep", "expert", ("ep",), "expert parallel", "ep", "expert_parallel", (), "ep", "ep"),
+    Kind("etp", "expert", ("tp",), "expert tensor parallel", "etp", "expert_tensor_parallel", (),
+         "expt_tp", "etp"),
+    Kind("edp", "expert", ("dp",), "expert data parallel", "edp", "expert_data_parallel", (),
+         "expt_dp", "edp"),
+    Kind("etp-ep", "expert", ("tp", "ep"), "expert tensor x expert parallel", "etp-ep", pg_field="tp_ep"),
+    Kind("etp-ep-pp", "expert", ("tp", "ep", "pp"), "expert tensor x expert x pipeline parallel",
+         "etp-ep-pp", pg_field="tp_ep_pp"),
+)
+
+#: Kind name -> row, in table order.
+KINDS: Mapping[str, Kind] = MappingProxyType({k.name: k for k in KIND_TABLE})
+#: MPU dimension name (``"sdp"``, ``"etp-ep"`` ...) -> row.
+KIND_BY_DIM: Mapping[str, Kind] = MappingProxyType({k.dim: k for k in KIND_TABLE})
+#: Bridge method name (``"data_parallel"`` ...) -> row, for the kinds that have one.
+KIND_BY_METHOD: Mapping[str, Kind] = MappingProxyType({k.method: k for k in KIND_TABLE if k.method})
+
+
+def kind_named(name: str) -> Kind:
+    """The row for a kind, MPU dimension or bridge method name; KeyError lists the names.
+
+    Example: ``kind_named("sequence_data_parallel").name == "dp-cp"``.
+    """
+    for table in (KINDS, KIND_BY_DIM, KIND_BY_METHOD):
+        if name in table:
+            return table[name]
+    known = sorted(set(KINDS) | set(KIND_BY_DIM) | set(KIND_BY_METHOD))
+    raise KeyError(f"unknown group kind {name!r}; known names: {', '.join(known)}")

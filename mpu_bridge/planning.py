@@ -1,0 +1,116 @@
+"""Pure planning of one batch of group requests: what every rank asked -> what to do.
+
+The registry gathers, per batch of partitions, this rank's *votes* (does it hold
+a communicator for its group of each partition already?) and a few facts; the
+agreement round tells it which of those every rank shares. The functions here
+turn that into one decision -- reuse or create each partition, and with which
+strategy -- that is the same on every rank because it is computed only from
+values every rank sees alike. No torch, no store: testable without processes.
+
+Example::
+
+    >>> decide_strategy("local_new_group", all_covering=True, same_group_count=True, fresh_names=True)
+    ('local_new_group', None)
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import AbstractSet, List, Optional, Sequence, Tuple
+
+from .errors import GroupCreationError
+from .partitions import Partition
+from .text import format_ranks
+
+__all__ = ["STRATEGIES", "reuse_votes", "merge_votes", "decide_strategy"]
+
+#: The creation strategies a registry can use (``"auto"`` picks one of them).
+STRATEGIES = ("split_group", "local_new_group", "new_group")
+
+#: Why a member-only batch falls back to the all-ranks loop, by cause.
+FALLBACK_REASONS = {
+    "cover": "a partition does not cover the world",
+    "count": (
+        "ranks hold different numbers of process groups (e.g. megatron-core's embedding groups "
+        "with pp > 1), so PyTorch would name the same group differently on its members"
+    ),
+    "stale": (
+        "PyTorch would reuse the name of a group destroyed earlier (same ranks, same number of "
+        "groups held), and its rendezvous would read stale addresses"
+    ),
+}
+
+
+def reuse_votes(parts: Sequence[Partition], registered: AbstractSet[Tuple[int, ...]]) -> List[str]:
+    """Per partition: ``"1"`` if this rank's group is registered (or asked for earlier in
+    the batch), ``"0"`` if not, ``"-"`` if the rank is in none of its groups.
+
+    Why this is the same on every rank (so every rank creates exactly one group per
+    created partition, in the same order): a covering partition of translates of an
+    offset set O is the *unique* tiling of the world by translates of O -- the
+    smallest rank not yet covered must be the base of the next group. If this rank's
+    group of P equals its group of Q (registered earlier, or the MPU's groups of one
+    kind, which megatron-core builds the same way), the offset sets are equal, hence
+    P == Q entirely, and every other rank's group of P is registered as well. The
+    agreement round checks it anyway: the votes are a fact every rank must share.
+
+    Example: ``reuse_votes([tp], {(0, 1)}) == ["1"]`` on rank 0 of ``plan(4, tp=2)``.
+    """
+    seen = set(registered)
+    votes = []
+    for p in parts:
+        if p.own is None:
+            votes.append("-")
+            continue
+        own = tuple(p.own)
+        votes.append("1" if own in seen else "0")
+        seen.add(own)
+    return votes
+
+
+def merge_votes(
+    parts: Sequence[Partition], rows: Sequence[Tuple[Sequence[int], str]]
+) -> List[bool]:
+    """Reuse decisions from every rank's votes (``rows``: ``(ranks, vote string)``).
+
+    A partition is reused when some rank holds it; raises GroupCreationError when
+    some ranks hold a communicator for it and others do not (they could not agree
+    on whether to create it). Example: ``merge_votes([p], [((0, 1), "1")]) == [True]``.
+    """
+    reuse: List[bool] = []
+    for i, p in enumerate(parts):
+        have = [ranks for ranks, vec in rows if vec[i] == "1"]
+        lack = [ranks for ranks, vec in rows if vec[i] == "0"]
+        if have and lack:
+            holders = sorted(itertools.chain.from_iterable(have))
+            others = sorted(itertools.chain.from_iterable(lack))
+            raise GroupCreationError(
+                f"partition {p.key!r}: ranks {format_ranks(holders)} already hold a communicator "
+                f"for their group but ranks {format_ranks(others)} do not, so the ranks cannot "
+                "agree on whether to create it; the groups borrowed from the MPU (or created "
+                "earlier, e.g. by a partition that left some ranks out) differ between ranks. "
+                "Borrow the same kinds of groups on every rank."
+            )
+        reuse.append(bool(have))
+    return reuse
+
+
+def decide_strategy(
+    chosen: str, *, all_covering: bool, same_group_count: bool, fresh_names: bool
+) -> Tuple[str, Optional[str]]:
+    """``(strategy, fallback reason)`` for a batch: the registry's ``chosen`` strategy,
+    or ``new_group`` when member-only creation would be unsafe (see
+    :data:`FALLBACK_REASONS`). Inputs are unanimous facts, so every rank decides alike.
+
+    Example: ``decide_strategy("local_new_group", all_covering=False, ...)`` is
+    ``("new_group", "a partition does not cover the world")``.
+    """
+    if chosen != "local_new_group":
+        return chosen, None
+    if not all_covering:
+        return "new_group", FALLBACK_REASONS["cover"]
+    if not same_group_count:
+        return "new_group", FALLBACK_REASONS["count"]
+    if not fresh_names:
+        return "new_group", FALLBACK_REASONS["stale"]
+    return chosen, None

@@ -1,0 +1,358 @@
+"""What a bridge knows about one reading of the MPU, built whole, then never changed.
+
+:func:`read_state` reads the MPU (or nothing, standalone), checks it against the
+world, infers its rank order (:mod:`mpu_bridge.mpu.order`), plans the layout and
+registers the MPU's own groups as borrowed in a fresh registry. The result, a
+:class:`State`, is swapped into the bridge only when complete; :func:`mpu_changed`
+tells when the MPU was re-initialised under it. The answer types a bridge hands
+out (:class:`GroupInfo`, :class:`ExpertGroups`, :class:`AllToAllGroups`) live here
+too. Reading the MPU is local: no communication.
+
+Example::
+
+    state = read_state(parallel_state, world_size=8, rank=3, order=None, registry_options={})
+    state.layout.config.order, state.borrowed["tp"].ranks
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Mapping, Optional, Tuple
+
+import torch.distributed as dist
+
+from . import _torch, partitions
+from .errors import BridgeError, LayoutError, MpuError
+from .kinds import KIND_BY_DIM, KINDS, kind_named
+from .layout import DEFAULT_ORDER, Layout, plan
+from .mpu import MpuReader, check_is_mpu
+from .mpu.order import infer_order
+from .registry import GroupRegistry
+from .validate import positive_int
+
+__all__ = [
+    "GroupInfo",
+    "ExpertGroups",
+    "AllToAllGroups",
+    "State",
+    "Broken",
+    "read_state",
+    "mpu_changed",
+    "group_ranks",
+    "expert_layout",
+    "puts_data_before_expert",
+    "prefer_mpu_group",
+    "resolve_gpus_per_node",
+]
+
+logger = logging.getLogger(__name__)
+
+#: MPU getters of a group that may span the whole world without answering a dimension.
+_WORLD_SIZED_GETTERS = ("get_intra_distributed_optimizer_instance_group",)
+_EXPERT_DIMS = frozenset(k.dim for k in KIND_BY_DIM.values() if k.grid == "expert")
+_ORDER_DIMS = ("tp", "cp", "dp", "pp", "ep", "etp", "edp")
+
+
+@dataclass(frozen=True)
+class GroupInfo:
+    """One rank's view of one process group.
+
+    ``ranks`` are the group's global ranks in group-rank order, so ``src_rank``
+    (``ranks[0]``) is right for strided groups too.
+
+    Example: on rank 5 of ``plan(16, tp=2, ep=4)``, the EP group has
+    ``ranks == (1, 3, 5, 7)``, ``rank == 2``, ``src_rank == 1``.
+    """
+
+    name: str
+    group: Any
+    ranks: Tuple[int, ...]
+    rank: int
+    borrowed: bool = False
+
+    @property
+    def world_size(self) -> int:
+        return len(self.ranks)
+
+    @property
+    def src_rank(self) -> int:
+        """Global rank of the group's rank 0."""
+        return self.ranks[0]
+
+
+@dataclass(frozen=True)
+class ExpertGroups:
+    """The expert-parallel and expert-data-parallel groups of one expert-parallel size.
+
+    Named like DeepSpeed's (``"ep_size_4"``).
+    """
+
+    name: str
+    ep_size: int
+    expert_parallel: GroupInfo
+    expert_data_parallel: GroupInfo
+    layout: Layout
+    data_before_expert: bool
+    expert_tensor_parallel: bool
+
+
+@dataclass(frozen=True)
+class AllToAllGroups:
+    """Node-local and cross-node groups for hierarchical all-to-all.
+
+    ``local`` holds the GPUs of this rank's node; ``cross_node`` the same local
+    rank on every node (``None`` on a single node, like DeepSpeed which creates
+    no ``global_*`` group there). :meth:`as_dict` uses DeepSpeed's names.
+    """
+
+    gpus_per_node: int
+    num_nodes: int
+    local: GroupInfo
+    cross_node: Optional[GroupInfo]
+
+    def as_dict(self) -> Dict[str, Any]:
+        """``{"local_<node>": group, "global_<local rank>": group}`` for this rank."""
+        node = self.local.ranks[0] // self.gpus_per_node
+        out = {f"local_{node}": self.local.group}
+        if self.cross_node is not None:
+            out[f"global_{self.cross_node.ranks[0]}"] = self.cross_node.group
+        return out
+
+
+@dataclass(frozen=True)
+class State:
+    """Everything the bridge knows about one reading of the MPU (or of the world alone).
+
+    Built whole by :func:`read_state` and never changed afterwards, except
+    ``answers``: the results of requests already made on it (each made once).
+    """
+
+    layout: Layout
+    reader: Optional[MpuReader]
+    registry: GroupRegistry
+    borrowed: Mapping[str, GroupInfo]  # by kind name
+    sentinel: Optional[Tuple[str, Any]]  # (MPU dimension, its group) to notice re-initialisation
+    answers: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Broken:
+    """The MPU changed and could not be read again: every call raises ``reason``."""
+
+    reason: str
+
+
+def read_state(
+    mpu: Optional[object], world_size: int, rank: int, order: Optional[str], registry_options: Mapping[str, Any]
+) -> State:
+    """Read ``mpu`` (None: standalone) into a complete :class:`State`; local, no communication.
+
+    Raises MpuError when the MPU cannot be read, does not fit the world, or its
+    groups follow no Megatron rank order (or not ``order``, when given).
+    """
+    registry = GroupRegistry(**registry_options)
+    if mpu is None:
+        layout = plan(world_size, order=order or DEFAULT_ORDER)
+        logger.info("mpu-bridge: standalone (no MPU), data parallel = world of %d", world_size)
+        return State(layout, None, registry, {}, None)
+    try:
+        check_is_mpu(mpu)
+        reader = MpuReader(mpu)
+        with reader.snapshot():  # the MPU does not change while it is read here
+            reader.check_against_world(world_size, rank)
+            layout = _layout_from_mpu(reader, world_size, rank, order)
+            borrowed = _borrow(reader, registry, world_size, rank)
+    except BaseException:
+        registry.close()
+        raise
+    sentinel = next(((KINDS[kind].dim, info.group) for kind, info in borrowed.items()), None)
+    c = layout.config
+    logger.info(
+        "mpu-bridge: attached to a %s MPU (tp=%d pp=%d dp=%d cp=%d, order %s)",
+        reader.flavour, c.tp, c.pp, c.dp, c.cp, c.order,
+    )
+    return State(layout, reader, registry, borrowed, sentinel)
+
+
+def _layout_from_mpu(reader: MpuReader, world_size: int, rank: int, given: Optional[str]) -> Layout:
+    sizes = reader.sizes()
+    own = {dim: reader.group_ranks(dim) for dim in _ORDER_DIMS if _answers(reader, dim)}
+    order = given or sizes.order or infer_order(world_size, {}, own)
+    try:
+        layout = plan(world_size, tp=sizes.tp, pp=sizes.pp, cp=sizes.cp, ep=sizes.ep or 1, etp=sizes.etp,
+                      order=order)
+    except LayoutError as exc:
+        raise MpuError(f"the MPU's sizes and order {order!r} do not form a Megatron layout: {exc}") from None
+    wrong = _mismatching_dims(reader, layout, rank)
+    if wrong:
+        fix = (f"the order given to attach ({given!r}) is not the MPU's" if given
+               else "pass attach(mpu, order=...) with its order")
+        raise MpuError(
+            f"the MPU's own groups on rank {rank} do not follow the rank order {order!r}: "
+            + "; ".join(wrong) + f"; {fix}"
+        )
+    return layout
+
+
+def _answers(reader: MpuReader, dim: str) -> bool:
+    """Whether the MPU gives both the group and its ranks for ``dim`` (expert dims only with ep > 1)."""
+    if dim in _EXPERT_DIMS and not reader.sizes().ep:
+        return False
+    return reader.has(dim, "group") and reader.has(dim, "ranks")
+
+
+def _mismatching_dims(reader: MpuReader, layout: Layout, rank: int) -> List[str]:
+    wrong = []
+    for dim, kind in KIND_BY_DIM.items():
+        if not _answers(reader, dim):
+            continue
+        theirs = sorted(reader.group_ranks(dim))
+        ours = layout.group_of(kind.name, rank)
+        if theirs != ours:
+            wrong.append(f"{dim} group {theirs} != {ours}")
+    return wrong
+
+
+def _borrow(reader: MpuReader, registry: GroupRegistry, world_size: int, rank: int) -> Dict[str, GroupInfo]:
+    _borrow_world_sized(reader, registry, world_size)
+    borrowed: Dict[str, GroupInfo] = {}
+    for dim, kind in KIND_BY_DIM.items():
+        if not _answers(reader, dim):
+            continue
+        ranks = tuple(reader.group_ranks(dim))
+        group = registry.borrow(ranks, reader.group(dim))
+        if kind.method is not None:
+            borrowed[kind.name] = GroupInfo(kind.method, group, ranks, ranks.index(rank), True)
+    return borrowed
+
+
+def _borrow_world_sized(reader: MpuReader, registry: GroupRegistry, world_size: int) -> None:
+    """Register an MPU group over the whole world (for ``Bridge.world``), if it has one.
+
+    megatron-core >= 0.11 holds ``_INTRA_DISTRIBUTED_OPTIMIZER_INSTANCE_GROUP``, the
+    whole world when there is one optimizer instance (the default).
+    """
+    for name in _WORLD_SIZED_GETTERS:
+        getter = getattr(reader.mpu, name, None)
+        if not callable(getter):
+            continue
+        try:
+            group = getter()
+            ranks = tuple(dist.get_process_group_ranks(group))
+        except Exception:  # not initialised, None, or not a group: nothing to borrow
+            continue
+        if sorted(ranks) == list(range(world_size)):
+            registry.borrow(ranks, group)
+
+
+def mpu_changed(state: State) -> bool:
+    """Whether the MPU under ``state`` was re-initialised (its groups are other objects now).
+
+    Raises MpuError when the MPU's groups are gone and not re-created (after
+    ``destroy_model_parallel``). Local: reads one getter.
+    """
+    if state.reader is None or state.sentinel is None:
+        return False
+    dim, group = state.sentinel
+    try:
+        current = state.reader.group(dim) if state.reader.has(dim, "group") else None
+    except MpuError:
+        current = None
+    if current is group and _torch.is_live(group):
+        return False
+    if current is None or not _torch.is_live(current):
+        raise MpuError(
+            f"the MPU's {KIND_BY_DIM[dim].description} group is gone (was destroy_model_parallel "
+            "called?); re-initialise the MPU and the bridge rebuilds on the next call, or close() it"
+        )
+    return True
+
+
+# -- what requests read from a state ------------------------------------------------------
+
+
+def group_ranks(state: State, rank: int, name: str, ep_size: Optional[int] = None) -> Tuple[int, ...]:
+    """``rank``'s group of ``name`` (a bridge method, kind or MPU dimension, or ``"world"``)
+    as global ranks in group-rank order: the MPU's own group where it has one, else the
+    layout's. Expert kinds use the layout for ``ep_size`` (default: the MPU's own).
+
+    Example: ``group_ranks(state, 0, "data_parallel") == (0, 2)`` over tp 2 on 4 ranks.
+    """
+    if name == "world":
+        return tuple(range(state.layout.world_size))
+    try:
+        kind = kind_named(name)
+    except KeyError as exc:
+        raise BridgeError(str(exc.args[0])) from None
+    if kind.grid == "expert" and ep_size is not None:
+        return tuple(_expert_layout_for(state, positive_int("ep_size", ep_size)).group_of(kind.name, rank))
+    if kind.name in state.borrowed:
+        return state.borrowed[kind.name].ranks
+    if kind.grid == "expert" and state.layout.config.ep == 1:
+        raise BridgeError(f"{kind.method or kind.name} needs ep_size=N (the expert-parallel size)")
+    if kind.name == "dp-cp" and state.layout.config.cp == 1 and "dp" in state.borrowed:
+        return state.borrowed["dp"].ranks
+    return tuple(state.layout.group_of(kind.name, rank))
+
+
+def _expert_layout_for(state: State, ep_size: int) -> Layout:
+    """The layout :meth:`Bridge.expert_groups` gave (or would give by default) ``ep_size``."""
+    existing = state.answers.get(f"experts:ep_size_{ep_size}")
+    if isinstance(existing, ExpertGroups):
+        return existing.layout
+    return expert_layout(state, ep_size, puts_data_before_expert(state), True)
+
+
+
+def puts_data_before_expert(state: State) -> bool:
+    """Whether the MPU's order places ``dp`` before ``ep`` (DeepSpeed's D+E)."""
+    return partitions.data_before_expert(state.layout)
+
+
+def expert_layout(state: State, ep_size: int, before: bool, etp_on: bool) -> Layout:
+    """The state's layout with expert parallelism ``ep_size`` added; expert-TP is the
+    MPU's own expert-TP size when it reports one, else TP (``etp_on=False``: 1)."""
+    mpu_etp = state.reader.sizes().etp if state.reader is not None else None
+    etp = (mpu_etp or state.layout.config.tp) if etp_on else 1
+    return partitions.expert_layout(state.layout, ep_size, data_before_expert=before, etp=etp)
+
+
+def prefer_mpu_group(state: State, kind: str, info: GroupInfo) -> GroupInfo:
+    """The MPU's own ``kind`` group when it has exactly ``info``'s ranks, else ``info``.
+
+    megatron-core builds a separate expert communicator over the same ranks as,
+    e.g., its data-parallel group, and expert code should run on that one. Every
+    member decides alike: the condition depends only on the rank set.
+    """
+    own = state.borrowed.get(kind)
+    if own is None or sorted(own.ranks) != sorted(info.ranks):
+        return info
+    return GroupInfo(info.name, own.group, own.ranks, own.rank, True)
+
+
+def resolve_gpus_per_node(given: Optional[int], attached: Optional[int]) -> int:
+    """GPUs per node: ``given``, then ``attached`` (attach's option), then ``LOCAL_WORLD_SIZE``,
+    then the accelerator count; LayoutError when none says.
+
+    Example: ``resolve_gpus_per_node(None, 8) == 8``.
+    """
+    if given is not None:
+        return positive_int("gpus_per_node", given)
+    if attached is not None:
+        return attached
+    local = os.environ.get("LOCAL_WORLD_SIZE")
+    if local is not None:
+        if not local.strip().isdigit() or int(local) < 1:
+            raise LayoutError(f"LOCAL_WORLD_SIZE must be a positive integer, got {local!r}")
+        return int(local)
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count < 1:
+        raise LayoutError(
+            "cannot tell how many GPUs a node has: pass gpus_per_node=N, set LOCAL_WORLD_SIZE, "
+            "or run where an accelerator is visible"
+        )
+    return count

@@ -1,0 +1,196 @@
+"""Three ways to create the groups of one partition; the registry picks one per batch.
+
+* :class:`SplitGroup` -- one ``torch.distributed.split_group`` per partition, when the
+  default group has a bound device (NCCL with ``device_id``). There every
+  ``new_group`` is already a world-wide split, and member-only creation hangs.
+* :class:`LocalNewGroup` -- each rank creates only its own group,
+  ``new_group(own, use_local_synchronization=True)``; non-members do nothing.
+* :class:`AllRanksNewGroup` -- every rank enters every group's ``new_group`` in the
+  agreed order (what megatron-core does); the fallback for everything else.
+
+:func:`choose` resolves ``"auto"`` (or checks an explicit request) from the runtime
+state once per registry. Each strategy's ``create(partition)`` returns this rank's
+group, or None when the rank is in none of the partition's groups.
+
+Example::
+
+    strategy = choose("auto", backend="gloo", default_backend="gloo")
+    group = strategy.create(partition, timeout=timedelta(minutes=10), pg_options=None, backend=None)
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+from typing import Any, Dict, List, Optional
+
+import torch.distributed as dist
+
+from . import _torch
+from .errors import GroupCreationError, LayoutError
+from .partitions import Partition, _check_ranks, abbrev
+
+__all__ = ["Strategy", "SplitGroup", "LocalNewGroup", "AllRanksNewGroup", "choose", "by_name"]
+
+logger = logging.getLogger(__name__)
+
+
+class Strategy:
+    """How a partition's groups are created (see the module docstring)."""
+
+    name = ""
+
+    def __init__(
+        self, *, timeout: datetime.timedelta, pg_options: Optional[object], backend: Optional[str]
+    ) -> None:
+        self.timeout = timeout
+        self.pg_options = pg_options
+        self.backend = backend  # None: the default group's backend
+
+    def create(self, p: Partition) -> Optional[Any]:
+        raise NotImplementedError
+
+    def _new_group_kwargs(self, key: str) -> Dict[str, Any]:
+        kwargs: Dict[str, Any] = {"timeout": self.timeout, "pg_options": self.pg_options}
+        if self.backend is not None:
+            kwargs["backend"] = self.backend
+        if _torch.supports(dist.new_group, "group_desc"):
+            kwargs["group_desc"] = key
+        return kwargs
+
+
+class SplitGroup(Strategy):
+    """One ``split_group`` call per partition (default group bound to a device)."""
+
+    name = "split_group"
+
+    def create(self, p: Partition) -> Optional[Any]:
+        # split_group only uses the caller's own group (it computes the split color from
+        # it), so each member passes just its group: O(group size), not O(world). A rank
+        # in no group passes a group without itself and gets None back (NCCL no-color).
+        split_ranks = [list(p.own)] if p.own is not None else [list(p.first_group())]
+        kwargs: Dict[str, Any] = {"timeout": self.timeout, "pg_options": self.pg_options}
+        if _torch.supports(dist.split_group, "group_desc"):
+            kwargs["group_desc"] = p.key
+        return dist.split_group(None, split_ranks, **kwargs)
+
+
+class LocalNewGroup(Strategy):
+    """Member-only ``new_group``: each rank creates just its own group.
+
+    ``on_created(name, partition)`` is told the PyTorch name of each group this rank
+    created (the registry marks it used in the store, see :mod:`mpu_bridge.registry`).
+    """
+
+    name = "local_new_group"
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._scheme_checked = False
+
+    def create(self, p: Partition) -> Optional[Any]:
+        if p.own is None:
+            return None
+        held = _torch.groups_held()
+        group = dist.new_group(list(p.own), use_local_synchronization=True, **self._new_group_kwargs(p.key))
+        if not self._scheme_checked:
+            # The prediction costs O(group size), as PyTorch's own naming does: once.
+            self._scheme_checked = True
+            name, predicted = _torch.group_name(group), _torch.hashed_group_name(p.own, held)
+            if name is not None and name != predicted:
+                logger.warning(
+                    "mpu-bridge: PyTorch named a member-only group %s, not %s as expected; the check "
+                    "against reused group names is unreliable with this PyTorch version",
+                    name,
+                    predicted,
+                )
+        return group
+
+
+class AllRanksNewGroup(Strategy):
+    """Every rank enters every group's ``new_group``, in the agreed order."""
+
+    name = "new_group"
+
+    def create(self, p: Partition) -> Optional[Any]:
+        own = tuple(p.own) if p.own is not None else None
+        kwargs = self._new_group_kwargs(p.key)
+        world_size = dist.get_world_size()
+        mine = None
+        count = 0
+        for members in p.groups():
+            ranks: List[int] = list(members)
+            if not p.trusted:
+                ranks = sorted(int(r) for r in ranks)
+                _check_ranks(p.key, ranks, p.group_size, world_size)
+            group = dist.new_group(ranks, **kwargs)
+            count += 1
+            if own is not None and tuple(ranks) == own:
+                mine = group
+        if count != p.num_groups:
+            raise LayoutError(f"partition {p.key!r} enumerated {count} groups, but num_groups is {p.num_groups}")
+        if own is not None and mine is None:
+            raise LayoutError(
+                f"partition {p.key!r}: this rank's own group {abbrev(own)} is not among the groups it enumerates"
+            )
+        return mine
+
+
+_BY_NAME = {cls.name: cls for cls in (SplitGroup, LocalNewGroup, AllRanksNewGroup)}
+
+
+def by_name(name: str, **kwargs: Any) -> Strategy:
+    """The strategy called ``name`` (one of :data:`mpu_bridge.planning.STRATEGIES`)."""
+    return _BY_NAME[name](**kwargs)
+
+
+def choose(requested: str, *, backend: str, default_backend: str) -> str:
+    """The strategy to use: ``requested`` checked against the runtime, or ``"auto"`` resolved.
+
+    Raises GroupCreationError naming what is missing when an explicit request cannot work.
+    Example: on a gloo world, ``choose("auto", backend="gloo", default_backend="gloo")``
+    is ``"local_new_group"``.
+    """
+    bound = _torch.bound_device()
+    same_backend = backend == default_backend
+    has_split = hasattr(dist, "split_group")
+    has_local = _torch.supports(dist.new_group, "use_local_synchronization") and backend != "mpi"
+    if requested == "split_group":
+        _check_split(bound, has_split, same_backend, backend, default_backend)
+        return "split_group"
+    if requested == "local_new_group":
+        if bound is not None:
+            raise GroupCreationError(
+                f"strategy 'local_new_group' hangs when the default group is bound to a device "
+                f"({bound}): every new_group is then a world-wide split that non-members "
+                "never join; use strategy='auto' (split_group)"
+            )
+        if not has_local:
+            raise GroupCreationError(
+                f"strategy 'local_new_group' needs new_group(use_local_synchronization=True) "
+                f"(PyTorch >= 2.1, not MPI); backend {backend!r}; use strategy='auto'"
+            )
+        return "local_new_group"
+    if requested == "new_group":
+        return "new_group"
+    if bound is not None:
+        return "split_group" if (has_split and same_backend) else "new_group"
+    return "local_new_group" if has_local else "new_group"
+
+
+def _check_split(bound: Any, has_split: bool, same_backend: bool, backend: str, default_backend: str) -> None:
+    if bound is None:
+        raise GroupCreationError(
+            "strategy 'split_group' needs a default process group bound to a device "
+            "(init_process_group(backend='nccl', device_id=torch.device('cuda', local_rank))); "
+            f"this one (backend {default_backend!r}) has none; use strategy='auto'"
+        )
+    if not has_split:
+        raise GroupCreationError(
+            "strategy 'split_group' needs torch.distributed.split_group (PyTorch >= 2.5); use strategy='auto'"
+        )
+    if not same_backend:
+        raise GroupCreationError(
+            f"strategy 'split_group' keeps the default group's backend {default_backend!r}, but backend "
+            f"{backend!r} was asked for; use strategy='new_group' or drop the backend argument"
+        )
