@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence
 
 import torch.distributed as dist
 from torch.distributed import distributed_c10d as _c10d
@@ -29,6 +29,7 @@ __all__ = [
     "hashed_group_name",
     "bound_device",
     "supports",
+    "mesh_flattened",
 ]
 
 
@@ -86,3 +87,16 @@ def supports(fn: Callable[..., Any], parameter: str) -> bool:
         return parameter in inspect.signature(fn).parameters
     except (TypeError, ValueError):
         return False
+
+
+def mesh_flattened(mesh: Any) -> Dict[str, Any]:
+    """The flattened dimensions of ``mesh``'s root mesh (``mesh[...]._flatten("dp")``),
+    by name: 1-d DeviceMeshes of this rank; empty when there are none.
+
+    PyTorch keeps them in the root's private ``_flatten_mapping`` (slicing them from the
+    root mesh is deprecated); torch 2.13 has it.
+    """
+    root_of = getattr(mesh, "_get_root_mesh", None)
+    root = root_of() if callable(root_of) else mesh
+    mapping = getattr(root, "_flatten_mapping", None) or {}
+    return {str(name): sub for name, sub in mapping.items()}

@@ -43,7 +43,7 @@ import torch.distributed as dist
 from . import _torch, partitions
 from .errors import BridgeError, LayoutError, MpuError
 from .kinds import kind_named
-from .layout import DEFAULT_ORDER, Layout
+from .layout import DEFAULT_ORDER, Layout, plan
 from .legacy_mpu import LegacyMpu
 from .mpu import MpuReader
 from .partitions import Partition
@@ -55,6 +55,7 @@ from .state import (
     GroupInfo,
     State,
     expert_layout,
+    expert_layout_for,
     group_ranks,
     mpu_changed,
     prefer_mpu_group,
@@ -91,6 +92,11 @@ class Bridge:
         verify_plan: Optional[bool] = None,
         order: Optional[str] = None,
         gpus_per_node: Optional[int] = None,
+        tp: Optional[int] = None,
+        pp: Optional[int] = None,
+        cp: Optional[int] = None,
+        ep: Optional[int] = None,
+        etp: Optional[int] = None,
     ) -> None:
         if not dist.is_available() or not dist.is_initialized():
             raise BridgeError(
@@ -112,6 +118,7 @@ class Bridge:
             verify_plan=verify_plan,
         )
         self._order = order
+        self._sizes = {k: v for k, v in dict(tp=tp, pp=pp, cp=cp, ep=ep, etp=etp).items() if v is not None}
         self._mpu_object = mpu
         self._default_group = _torch.default_group()
         self._closed = False
@@ -119,7 +126,9 @@ class Bridge:
         self._state: Union[State, Broken] = self._build_state()
 
     def _build_state(self) -> State:
-        return read_state(self._mpu_object, self.world_size, self.rank, self._order, self._registry_options)
+        return read_state(
+            self._mpu_object, self.world_size, self.rank, self._order, self._registry_options, self._sizes
+        )
 
     # -- staying current ---------------------------------------------------------------
 
@@ -169,7 +178,7 @@ class Bridge:
         key: str,
         label: str,
         families: Callable[[State], Sequence[Tuple[str, Partition]]],
-        finish: Callable[[State, List[GroupInfo]], _T],
+        finish: Callable[[State, List[Any]], _T],
     ) -> _T:
         """The answer to request ``key``: made once per state (collective), then cached.
 
@@ -187,8 +196,11 @@ class Bridge:
                 state.registry.fail_round(exc, label)
                 raise
             groups = state.registry.ensure([p for _, p in named], label=label)
-            infos = []
+            infos: List[Optional[GroupInfo]] = []
             for (name, part), group in zip(named, groups):
+                if part.own is None and not part.covers(self.world_size):
+                    infos.append(None)  # a family that leaves this rank out (embedding groups)
+                    continue
                 if part.own is None or group is None:
                     raise BridgeError(f"rank {self.rank} is in no group of {part.key}")
                 infos.append(GroupInfo(name, group, part.own, part.own.index(self.rank),
@@ -300,6 +312,134 @@ class Bridge:
             lambda s: [("world", partitions.world(self.world_size, self.rank))],
             lambda s, infos: infos[0],
         )
+
+    def group(self, name: str, *, ep_size: Optional[int] = None) -> GroupInfo:
+        """This rank's group of any kind of the kind table (``"tp-cp"``, ``"etp-ep-pp"``,
+        ``"expert_tensor_parallel"`` ...): the MPU's own where it has one, else created.
+
+        Expert kinds use the layout :meth:`expert_groups` gives ``ep_size`` (default: the
+        MPU's or the standalone layout's own experts). Collective the first time per
+        kind and size, like every group request. Example:
+        ``bridge.group("tp-cp").ranks == bridge.ranks("tp-cp")``.
+        """
+        label = f"group({name!r}{'' if ep_size is None else f', ep_size={ep_size!r}'})"
+        with self._lock:
+            state = self._live()
+            try:
+                spec = kind_named(name)
+                layout = state.layout
+                if spec.grid == "expert" and ep_size is not None:
+                    layout = expert_layout_for(state, positive_int("ep_size", ep_size))
+                elif spec.name in state.borrowed:
+                    return state.borrowed[spec.name]
+            except KeyError as exc:
+                raise self._refuse(state, label, BridgeError(str(exc.args[0]))) from None
+            except BridgeError as exc:
+                raise self._refuse(state, label, exc) from None
+            display = spec.method or spec.name
+
+            def families(s: State) -> List[Tuple[str, Partition]]:
+                key = f"{display}[{partitions.layout_signature(layout)}]"
+                return [(display, partitions.dense(layout, spec.name, self.rank, key=key))]
+
+            def finish(s: State, infos: List[GroupInfo]) -> GroupInfo:
+                return prefer_mpu_group(s, spec.name, infos[0])
+
+            key = f"group:{spec.name}:{partitions.layout_signature(layout)}"
+            return self._request(key, label, families, finish)
+
+    def device_mesh(
+        self,
+        dims: Optional[Sequence[str]] = None,
+        *,
+        expert: bool = False,
+        ep_size: Optional[int] = None,
+        names: Union[Dict[str, str], Sequence[str], None] = None,
+        keep_size_one: bool = True,
+        device_type: str = "cpu",
+    ) -> Any:
+        """A ``torch.distributed.device_mesh.DeviceMesh`` over this bridge's own groups.
+
+        ``dims`` (slowest first) default to ``("pp", "dp", "cp", "tp")``, or with
+        ``expert=True`` to ``("pp", "edp", "ep", "etp")`` for the MPU's experts or
+        ``ep_size``'s (the layout :meth:`expert_groups` gives it). ``names``: a mapping
+        kind -> mesh dim name, or one name per dim (default: the kind table's
+        ``mesh_dim``). ``keep_size_one=False`` drops size-1 dims. Built with
+        ``DeviceMesh.from_group``: no group beyond the bridge's own; collective the first
+        time, like every group request. See :mod:`mpu_bridge.mesh`.
+
+        Example: ``bridge.device_mesh()["dp"].get_group() is bridge.data_parallel().group``.
+        """
+        from .mesh import device_mesh
+
+        return device_mesh(self, dims, expert=expert, ep_size=ep_size, names=names,
+                           keep_size_one=keep_size_one, device_type=device_type)
+
+    def process_group_collection(self) -> Any:
+        """megatron-core's own ``ProcessGroupCollection`` with every field ``use_mpu_process_groups()``
+        fills, over this bridge's groups (see :mod:`mpu_bridge.pg_collection`).
+
+        Over megatron-core's ``parallel_state``: its own group objects, nothing created.
+        Standalone: the layout's groups, collective the first time. Raises
+        MissingDependencyError on megatron-core older than 0.15.0. Example:
+        ``GPTModel(..., pg_collection=bridge.process_group_collection())``.
+        """
+        from .pg_collection import process_group_collection
+
+        return process_group_collection(self)
+
+    def embedding_groups(self) -> Tuple[Optional[GroupInfo], Optional[GroupInfo]]:
+        """(word embedding, position embedding) groups of this rank, None where it is in none.
+
+        megatron-core's: the first and last pipeline stage of each pipeline group, and
+        the first stage alone (one rank per group when pp = 1). The MPU's own where it
+        has them; else created, collective the first time. Example: with pp = 2 on 4
+        ranks and tp = 2, rank 1's are ``(1, 3)`` and ``(1,)``; rank 3 has no position one.
+        """
+        with self._lock:
+            state = self._live()
+            mpu_own = self._mpu_embedding_groups(state)
+            if mpu_own is not None:
+                return mpu_own
+            if state.layout.config.pp > 1:
+                # Position-embedding groups are one rank each but only on first stages, so they
+                # are registered there only: first give every rank its one-rank group (covering),
+                # so that every later one-rank request finds the same answer on every rank.
+                self._request(
+                    "one-rank", "embedding_groups()",
+                    lambda s: [("one_rank", partitions.dense(plan(self.world_size, tp=1), "tp", self.rank,
+                                                             key=f"one_rank[{self.world_size}]"))],
+                    lambda s, infos: infos[0],
+                )
+
+            def families(s: State) -> List[Tuple[str, Partition]]:
+                sig = partitions.layout_signature(s.layout)
+                return [
+                    ("embedding", partitions.embedding(s.layout, self.rank, key=f"embedding[{sig}]")),
+                    ("position_embedding",
+                     partitions.position_embedding(s.layout, self.rank, key=f"position_embedding[{sig}]")),
+                ]
+
+            return self._request("embedding", "embedding_groups()", families, lambda s, infos: (infos[0], infos[1]))
+
+    def _mpu_embedding_groups(self, state: State) -> Optional[Tuple[Optional[GroupInfo], Optional[GroupInfo]]]:
+        """The MPU's own embedding groups when it has megatron-core's getters (local), else None."""
+        mpu = state.reader.mpu if state.reader is not None else None
+        names = ("get_embedding_group", "get_position_embedding_group")
+        if mpu is None or not all(callable(getattr(mpu, n, None)) for n in names):
+            return None
+        out: List[Optional[GroupInfo]] = []
+        for name, getter in zip(("embedding", "position_embedding"), names):
+            try:
+                group = getattr(mpu, getter)()
+            except Exception:  # megatron-core asserts "not initialized" where a rank has none
+                group = None
+            if group is None or not _torch.is_live(group):
+                out.append(None)
+                continue
+            ranks = tuple(dist.get_process_group_ranks(group))
+            out.append(GroupInfo(name, group, ranks, ranks.index(self.rank), True))
+        return out[0], out[1]
 
     # -- expert groups ----------------------------------------------------------------------
 
@@ -499,12 +639,16 @@ def attach(mpu: Optional[object] = None, **options: Any) -> Bridge:
     Options: ``backend``, ``timeout`` (a timedelta: bounds creating each group),
     ``pg_options``, ``strategy`` ("auto", "split_group", "local_new_group",
     "new_group"), ``agreement_timeout`` (seconds: bounds each cross-rank agreement),
-    ``verify_plan``, ``order`` (the MPU's rank order, if it cannot be inferred),
-    ``gpus_per_node``. Reading the MPU is local: no communication.
+    ``verify_plan``, ``order`` (the MPU's rank order, if it cannot be inferred; the
+    layout's order without an MPU), ``gpus_per_node``. Without an MPU, ``tp``, ``pp``,
+    ``cp``, ``ep``, ``etp`` give a full Megatron layout whose groups are created on
+    first use (default: data parallel = the world). Reading the MPU is local: no
+    communication.
 
     Example::
 
         bridge = mpu_bridge.attach(parallel_state)
         bridge.expert_groups(4).expert_parallel.ranks
+        standalone = mpu_bridge.attach(None, tp=2, pp=2)   # no Megatron needed
     """
     return Bridge(mpu, **options)

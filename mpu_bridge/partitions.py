@@ -387,3 +387,58 @@ def world(world_size: int, rank: int) -> Partition:
     Example: ``world(4, 2).own == (0, 1, 2, 3)``.
     """
     return dense(plan(world_size), "dp", rank, key=f"world[{world_size}]")
+
+
+def _pipeline_stage_groups(
+    layout: Layout, rank: int, stages: Callable[[Sequence[int]], List[int]], size: int, key: str
+) -> Partition:
+    """For each pipeline group (layout order), the members ``stages(group)`` picks; ranks
+    picked by none get ``own`` None (the partition then leaves them out)."""
+    pp_group = layout.group_of("pp", rank)
+    picked = stages(pp_group)
+    return Partition(
+        key=key,
+        group_size=size,
+        num_groups=layout.num_groups("pp"),
+        own=tuple(picked) if rank in picked else None,
+        groups=lambda: (stages(g) for g in layout.iter_groups("pp")),
+    ).as_trusted()  # the same stages of translates of one pipeline group
+
+
+def _first_and_last_stage(pp_group: Sequence[int]) -> List[int]:
+    return [pp_group[0]] if len(pp_group) == 1 else [pp_group[0], pp_group[-1]]
+
+
+def _first_stage(pp_group: Sequence[int]) -> List[int]:
+    return [pp_group[0]]
+
+
+def embedding(layout: Layout, rank: int, key: Optional[str] = None) -> Partition:
+    """Word-embedding groups: the first and last stage of every pipeline group.
+
+    megatron-core's ``default_embedding_ranks`` (one rank per group when pp = 1).
+    Ranks of the middle stages are in no group: ``own`` is None there, as
+    megatron-core's ``get_embedding_group()`` is None there.
+
+    Example: ``embedding(plan(8, pp=4), 2).own is None``; ``embedding(plan(8, pp=4), 6).own == (0, 6)``.
+    """
+    size = 1 if layout.config.pp == 1 else 2
+    return _pipeline_stage_groups(
+        layout, rank, _first_and_last_stage, size, key or f"embedding[{layout_signature(layout)}]"
+    )
+
+
+def position_embedding(layout: Layout, rank: int, key: Optional[str] = None) -> Partition:
+    """Position-embedding groups: the first stage of every pipeline group, one rank each.
+
+    megatron-core's ``default_position_embedding_ranks``; other stages: ``own`` None.
+
+    Example: ``position_embedding(plan(8, pp=2), 1).own == (1,)``;
+    ``position_embedding(plan(8, pp=2), 5).own is None``.
+    """
+    return _pipeline_stage_groups(
+        layout, rank, _first_stage, 1, key or f"position_embedding[{layout_signature(layout)}]"
+    )
+
+
+__all__ += ["embedding", "position_embedding"]

@@ -41,6 +41,7 @@ __all__ = [
     "read_state",
     "mpu_changed",
     "group_ranks",
+    "expert_layout_for",
     "expert_layout",
     "puts_data_before_expert",
     "prefer_mpu_group",
@@ -145,18 +146,40 @@ class Broken:
 
 
 def read_state(
-    mpu: Optional[object], world_size: int, rank: int, order: Optional[str], registry_options: Mapping[str, Any]
+    mpu: Optional[object],
+    world_size: int,
+    rank: int,
+    order: Optional[str],
+    registry_options: Mapping[str, Any],
+    sizes: Optional[Mapping[str, Any]] = None,
 ) -> State:
     """Read ``mpu`` (None: standalone) into a complete :class:`State`; local, no communication.
 
-    Raises MpuError when the MPU cannot be read, does not fit the world, or its
-    groups follow no Megatron rank order (or not ``order``, when given).
+    Standalone, ``sizes`` (tp, pp, cp, ep, etp) give a full Megatron layout of the world
+    (default: tp = pp = cp = ep = 1, data parallel = the world). Raises MpuError when
+    the MPU cannot be read, does not fit the world, or its groups follow no Megatron
+    rank order (or not ``order``, when given); LayoutError for standalone sizes that
+    form no layout.
     """
-    registry = GroupRegistry(**registry_options)
+    if mpu is not None:
+        from .mesh import mesh_as_mpu  # a DeviceMesh (isinstance) reads as an MPU: mesh.MeshMpu
+
+        mpu = mesh_as_mpu(mpu)
     if mpu is None:
-        layout = plan(world_size, order=order or DEFAULT_ORDER)
-        logger.info("mpu-bridge: standalone (no MPU), data parallel = world of %d", world_size)
+        layout = plan(world_size, order=order or DEFAULT_ORDER, **dict(sizes or {}))
+        registry = GroupRegistry(**registry_options)
+        c = layout.config
+        logger.info(
+            "mpu-bridge: standalone (no MPU): tp=%d pp=%d cp=%d ep=%d etp=%d dp=%d, order %s",
+            c.tp, c.pp, c.cp, c.ep, c.etp, c.dp, c.order,
+        )
         return State(layout, None, registry, {}, None)
+    if sizes:
+        raise MpuError(
+            f"sizes ({', '.join(f'{k}={v}' for k, v in sizes.items())}) are for a bridge without an MPU; "
+            "with an MPU the sizes are the MPU's own: drop them, or attach(None, ...) for a standalone layout"
+        )
+    registry = GroupRegistry(**registry_options)
     try:
         check_is_mpu(mpu)
         reader = MpuReader(mpu)
@@ -287,7 +310,7 @@ def group_ranks(state: State, rank: int, name: str, ep_size: Optional[int] = Non
     except KeyError as exc:
         raise BridgeError(str(exc.args[0])) from None
     if kind.grid == "expert" and ep_size is not None:
-        return tuple(_expert_layout_for(state, positive_int("ep_size", ep_size)).group_of(kind.name, rank))
+        return tuple(expert_layout_for(state, positive_int("ep_size", ep_size)).group_of(kind.name, rank))
     if kind.name in state.borrowed:
         return state.borrowed[kind.name].ranks
     if kind.grid == "expert" and state.layout.config.ep == 1:
@@ -297,7 +320,7 @@ def group_ranks(state: State, rank: int, name: str, ep_size: Optional[int] = Non
     return tuple(state.layout.group_of(kind.name, rank))
 
 
-def _expert_layout_for(state: State, ep_size: int) -> Layout:
+def expert_layout_for(state: State, ep_size: int) -> Layout:
     """The layout :meth:`Bridge.expert_groups` gave (or would give by default) ``ep_size``."""
     existing = state.answers.get(f"experts:ep_size_{ep_size}")
     if isinstance(existing, ExpertGroups):
@@ -314,8 +337,12 @@ def puts_data_before_expert(state: State) -> bool:
 def expert_layout(state: State, ep_size: int, before: bool, etp_on: bool) -> Layout:
     """The state's layout with expert parallelism ``ep_size`` added; expert-TP is the
     MPU's own expert-TP size when it reports one, else TP (``etp_on=False``: 1)."""
-    mpu_etp = state.reader.sizes().etp if state.reader is not None else None
-    etp = (mpu_etp or state.layout.config.tp) if etp_on else 1
+    c = state.layout.config
+    if state.reader is not None:
+        own_etp = state.reader.sizes().etp
+    else:  # a standalone layout's own expert-TP, when it has experts
+        own_etp = c.etp if c.ep > 1 else None
+    etp = (own_etp or c.tp) if etp_on else 1
     return partitions.expert_layout(state.layout, ep_size, data_before_expert=before, etp=etp)
 
 

@@ -454,3 +454,80 @@ def test_attach_before_init_process_group_is_a_bridge_error():
     assert not dist.is_initialized(), "another test left a default process group behind"
     with pytest.raises(BridgeError, match="init_process_group"):
         attach()
+
+
+# -- hpZ larger than data parallel: clamped, as DeepSpeed does, and said once (issue 10.7) ----
+
+
+def test_an_hpz_size_larger_than_data_parallel_is_clamped_with_one_warning(caplog):
+    import logging
+
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    import mpu_bridge
+
+    dist.init_process_group("fake", store=FakeStore(), rank=1, world_size=2)
+    try:
+        bridge = mpu_bridge.attach()
+        with caplog.at_level(logging.WARNING, logger="mpu_bridge"):
+            first = bridge.zero_param_groups(8)
+            bridge.zero_param_groups(8)
+        bridge.close()
+    finally:
+        dist.destroy_process_group()
+    assert first.ranks == (0, 1)  # dp = 2: blocks of 2, not 8
+    warnings = [r.getMessage() for r in caplog.records if "hpZ" in r.getMessage()]
+    assert warnings == [
+        "mpu-bridge: hpZ partition size 8 is larger than the data-parallel group (dp=2, cp=1: 2 ranks); "
+        "using blocks of 2, as DeepSpeed does"
+    ]
+
+
+# -- a full standalone layout: attach(None, tp=..., ep=...) (issue 11, section 1) ----------
+
+
+def _full_layout_world(rank: int, world_size: int) -> Dict[str, Any]:
+    import mpu_bridge
+
+    bridge = mpu_bridge.attach(None, tp=2, ep=2, etp=1)
+    infos = {
+        "tp": bridge.tensor_parallel(),
+        "dp": bridge.data_parallel(),
+        "mp": bridge.model_parallel(),
+        "ep": bridge.expert_groups(2).expert_parallel,
+        "edp": bridge.expert_groups(2).expert_data_parallel,
+        "tp-dp": bridge.group("tp-dp"),
+    }
+    obs = {name: (info.ranks, _sum_of_ranks(info.group)) for name, info in infos.items()}
+    obs["same_object_for_equal_rank_sets"] = (
+        infos["ep"].group is infos["tp"].group and infos["mp"].group is infos["tp"].group
+    )
+    obs["created"] = bridge.stats()["created"]
+    bridge.close()
+    return obs
+
+
+@pytest.fixture(scope="module")
+def full_layout() -> List[Dict[str, Any]]:
+    return run_ranks(_full_layout_world, WORLD_SIZE, timeout=300)
+
+
+def test_a_full_standalone_layout_has_megatrons_groups(full_layout):
+    # 4 ranks, tp 2, ep 2 with expert-TP 1, default order tp-cp-ep-dp-pp.
+    assert [o["tp"][0] for o in full_layout] == [(0, 1), (0, 1), (2, 3), (2, 3)]
+    assert [o["dp"][0] for o in full_layout] == [(0, 2), (1, 3), (0, 2), (1, 3)]
+    assert [o["ep"][0] for o in full_layout] == [(0, 1), (0, 1), (2, 3), (2, 3)]
+    assert [o["edp"][0] for o in full_layout] == [(0, 2), (1, 3), (0, 2), (1, 3)]
+    assert [o["tp-dp"][0] for o in full_layout] == [(0, 1, 2, 3)] * 4
+
+
+def test_a_full_standalone_layouts_groups_reduce_over_their_members(full_layout):
+    assert [o["dp"][1] for o in full_layout] == [2, 4, 2, 4]
+    assert [o["tp-dp"][1] for o in full_layout] == [6] * 4
+
+
+def test_a_full_standalone_layout_creates_one_communicator_per_rank_set(full_layout):
+    # rank sets: {tp = mp = ep}, {dp = edp}, {world}: three communicators on every rank.
+    assert all(o["same_object_for_equal_rank_sets"] for o in full_layout)
+    assert [o["created"] for o in full_layout] == [3, 3, 3, 3]

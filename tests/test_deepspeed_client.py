@@ -11,6 +11,9 @@ function returns plain data that the tests below assert on:
   that triggers; a last engine gets an MPU with a wrong model-parallel group, to
   show the clipping case would catch one. Parameters after two steps are
   compared with plain torch on the concatenated data-parallel batch.
+* **standalone part**: no megatron-core; ``attach(None, tp=2)`` is a full layout,
+  and DeepSpeed ZeRO 1 / 2 / 2 with clipping train through its legacy MPU equal to
+  plain torch (issue 11, section 1).
 * **MoE part**: a standalone bridge (tp=1) whose ``ep_size_2`` groups are
   installed into DeepSpeed with :func:`install_expert_groups`; a
   ``deepspeed.moe.layer.MoE`` trains one ZeRO-2 step over them.
@@ -222,6 +225,24 @@ def _dense_part(deepspeed: Any, rank: int, world_size: int) -> Dict[str, Any]:
     return report
 
 
+def _standalone_part(deepspeed: Any, rank: int, world_size: int) -> Dict[str, Any]:
+    """No megatron-core at all: a standalone bridge with a full layout (tp 2) under DeepSpeed."""
+    import torch.distributed as dist
+
+    bridge = mpu_bridge.attach(None, tp=TP)
+    legacy = bridge.as_legacy_mpu()
+    tp_rank = bridge.ranks("tensor_parallel").index(rank)
+    dp_rank = bridge.ranks("data_parallel").index(rank)
+    report: Dict[str, Any] = {"tp_rank": tp_rank, "dp_rank": dp_rank}
+    for name in ("zero1", "zero2", "zero2_clipped"):
+        stage, clip, _ = DENSE_CASES[name]
+        report[name] = _train_dense_case(deepspeed, legacy, stage, clip, tp_rank, dp_rank)
+    report["tp_ranks"] = dist.get_process_group_ranks(bridge.tensor_parallel().group)
+    report["created"] = bridge.stats()["created"]
+    bridge.close()
+    return report
+
+
 def _expert_groups_against_deepspeeds(bridge: Any, legacy: Any) -> Dict[str, Any]:
     """DeepSpeed's own E+M+D groups for ep_size 2 over the MPU, then the bridge's installed instead."""
     from deepspeed.utils import groups as ds_groups
@@ -361,7 +382,7 @@ def _world(rank: int, world_size: int) -> Dict[str, Dict[str, Any]]:
             "deepspeed_world_size": ds_comm.get_world_size(),
         }
     }
-    for part, run in (("dense", _dense_part), ("moe", _moe_part)):
+    for part, run in (("dense", _dense_part), ("moe", _moe_part), ("standalone", _standalone_part)):
         try:
             reports[part] = run(deepspeed, rank, world_size)
         except Exception:
@@ -395,6 +416,11 @@ def dense_reports(world: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
 @pytest.fixture(scope="module")
 def moe_reports(world: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     return _part_reports(world, "moe")
+
+
+@pytest.fixture(scope="module")
+def standalone_reports(world: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    return _part_reports(world, "standalone")
 
 
 def _assert_matches_reference(reports: List[Dict[str, Any]], case: str, clip: float) -> None:
@@ -598,3 +624,27 @@ def test_install_into_a_deepspeed_without_rank_tables_fills_the_group_tables():
     assert [r["edp"] for r in results] == [[0, 2], [1, 3], [0, 2], [1, 3]]
     assert all(r["same"] and r["no_rank_tables"] for r in results)
     assert all(r["removed"] == ["ep_size_2"] and r["left"] == {} for r in results)
+
+
+# ---------------------------------------------------------------------------
+# Standalone part: a full layout without megatron-core, DeepSpeed over its legacy MPU
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", ["zero1", "zero2", "zero2_clipped"])
+def test_a_standalone_tp2_layout_trains_like_plain_torch(standalone_reports, case):
+    _assert_matches_reference(standalone_reports, case, DENSE_CASES[case][1])
+
+
+def test_a_standalone_layout_gives_deepspeed_its_groups(standalone_reports):
+    # tp 2 on 4 ranks, default order: TP [0, 1] [2, 3], DP [0, 2] [1, 3], MP (tp x pp) = TP.
+    assert [r["tp_ranks"] for r in standalone_reports] == [[0, 1], [0, 1], [2, 3], [2, 3]]
+    for r in standalone_reports:
+        assert r["zero2"]["dp_ranks"] == r["zero2"]["zero_ranks"]
+    assert [r["zero2"]["dp_ranks"] for r in standalone_reports] == [[0, 2], [1, 3], [0, 2], [1, 3]]
+    assert [r["zero2"]["zero_mp_ranks"] for r in standalone_reports] == [[0, 1], [0, 1], [2, 3], [2, 3]]
+
+
+def test_a_standalone_layout_creates_one_group_per_rank_set_it_needs(standalone_reports):
+    # data parallel, model parallel (= the tp rank set) and tensor parallel (reused): 2 groups.
+    assert [r["created"] for r in standalone_reports] == [2, 2, 2, 2]

@@ -152,6 +152,22 @@ def test_deepspeed_example_trains_with_megatrons_groups_through_the_legacy_mpu(t
     assert losses[0] > losses[1] > losses[2] > 0, losses
 
 
+# -- examples/standalone_layout.py ----------------------------------------------------------
+
+
+def test_standalone_layout_example_builds_megatrons_groups_without_megatron():
+    out = _torchrun("standalone_layout.py", 4)
+    lines = _rank_lines(out, 4)
+    for rank, line in lines.items():
+        expected = (
+            f"tp {_TP[rank]} dp {_DP[rank]} ep {_EP[rank]} edp {_EDP[rank]} | ep is tp's communicator: True "
+            f"| dp sum {sum(_DP[rank])}"
+        )
+        assert line == expected, f"rank {rank}"
+    # tp (= ep) and dp (= edp): two rank sets, two communicators.
+    assert re.search(r"^the bridge on rank 0: 2 groups created$", out, re.M), out
+
+
 # -- examples/plan_session.py ---------------------------------------------------------------
 
 

@@ -1,0 +1,229 @@
+"""Export to megatron-core: the bridge's groups as a ``ProcessGroupCollection``.
+
+:func:`process_group_collection` (``Bridge.process_group_collection``) returns
+megatron-core's own ``megatron.core.process_groups_config.ProcessGroupCollection``
+with every field its ``use_mpu_process_groups()`` fills (megatron-core 0.15.0 to
+0.16.1: the twenty names of :data:`FIELDS`), so a model, DDP, an optimizer or
+``finalize_model_grads`` that takes ``pg_collection=`` runs over the bridge's groups.
+
+Where each field comes from:
+
+* **over an MPU** that has megatron-core's getters (``parallel_state``): each field is
+  what that getter returns, called as ``use_mpu_process_groups()`` calls it -- the
+  MPU's own objects, nothing created, no communication. A field with a kind is
+  checked against the bridge's layout (MpuError if its ranks differ); ``embd`` and
+  ``pos_embd`` are taken as they are (megatron-core lets the user choose their
+  stages). Fields whose getter the MPU lacks (another flavour) are derived as standalone;
+* **standalone** (``attach(None, tp=..., ...)``, or a field the MPU does not answer):
+  the fields with a kind in :mod:`mpu_bridge.kinds` (its ``pg_field`` column) are
+  :meth:`Bridge.group` of that kind; ``embd`` / ``pos_embd`` are the
+  :func:`~mpu_bridge.partitions.embedding` / :func:`~mpu_bridge.partitions.position_embedding`
+  families (None on ranks outside, as in megatron-core); and, as megatron-core does
+  with one distributed-optimizer instance and no hierarchical context parallelism:
+  ``hcp`` None, ``intra_dp_cp`` = ``dp_cp``, ``intra_expt_dp`` = ``expt_dp``,
+  ``inter_dist_opt`` None, ``intra_dist_opt`` the whole world (:meth:`Bridge.world`).
+
+Groups are created (lazily, one communicator per rank set, agreed across ranks)
+only by the bridge and its registry, never here. Collective the first time, like
+every group request; asking again is local and returns a new collection holding the
+same group objects.
+
+Example (every rank)::
+
+    bridge = mpu_bridge.attach(None, tp=2, pp=2)
+    pgc = bridge.process_group_collection()
+    model = GPTModel(config, spec, vocab_size, max_len, pg_collection=pgc)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from importlib import metadata
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Tuple
+
+import torch.distributed as dist
+
+from . import partitions
+from .errors import MpuError
+from .kinds import KIND_TABLE
+from .optional import MissingDependencyError, require
+
+if TYPE_CHECKING:
+    from .bridge import Bridge
+
+__all__ = [
+    "FIELDS",
+    "FIRST_RELEASE",
+    "FIELD_KINDS",
+    "collection_class",
+    "collection_groups",
+    "process_group_collection",
+]
+
+#: The first megatron-core release with ``ProcessGroupCollection`` (0.12 to 0.14 have
+#: ``ModelCommProcessGroups`` and ``GradCommProcessGroups`` instead).
+FIRST_RELEASE = "0.15.0"
+
+#: The fields ``ProcessGroupCollection.use_mpu_process_groups()`` fills (megatron-core 0.15.0-0.16.1).
+FIELDS: Tuple[str, ...] = (
+    "tp", "pp", "mp", "embd", "pos_embd", "cp", "tp_cp", "hcp", "ep", "expt_tp", "tp_ep",
+    "tp_ep_pp", "tp_dp_cp", "dp", "dp_cp", "intra_dp_cp", "intra_expt_dp", "expt_dp",
+    "inter_dist_opt", "intra_dist_opt",
+)
+
+#: Field -> kind name, from the kind table's ``pg_field`` column.
+FIELD_KINDS: Mapping[str, str] = {k.pg_field: k.name for k in KIND_TABLE if k.pg_field}
+
+_NO_CHECK: Dict[str, Any] = {"check_initialized": False}
+#: Field -> (getter of megatron-core's ``parallel_state``, keyword arguments), exactly
+#: as ``use_mpu_process_groups()`` calls them in 0.16.1.
+_MPU_GETTERS: Mapping[str, Tuple[str, Dict[str, Any]]] = {
+    "tp": ("get_tensor_model_parallel_group", _NO_CHECK),
+    "pp": ("get_pipeline_model_parallel_group", _NO_CHECK),
+    "mp": ("get_model_parallel_group", _NO_CHECK),
+    "cp": ("get_context_parallel_group", _NO_CHECK),
+    "tp_cp": ("get_tensor_and_context_parallel_group", _NO_CHECK),
+    "hcp": ("get_hierarchical_context_parallel_groups", _NO_CHECK),
+    "ep": ("get_expert_model_parallel_group", _NO_CHECK),
+    "expt_tp": ("get_expert_tensor_parallel_group", _NO_CHECK),
+    "tp_ep": ("get_expert_tensor_and_model_parallel_group", _NO_CHECK),
+    "tp_ep_pp": ("get_expert_tensor_model_pipeline_parallel_group", _NO_CHECK),
+    "embd": ("get_embedding_group", _NO_CHECK),
+    "pos_embd": ("get_position_embedding_group", _NO_CHECK),
+    "dp": ("get_data_parallel_group", {}),
+    "dp_cp": ("get_data_parallel_group", {"with_context_parallel": True}),
+    "intra_dp_cp": ("get_data_parallel_group", {"with_context_parallel": True, "partial_data_parallel": True}),
+    "intra_expt_dp": ("get_expert_data_parallel_group", {**_NO_CHECK, "partial_expert_data_parallel": True}),
+    "inter_dist_opt": ("get_inter_distributed_optimizer_instance_group", _NO_CHECK),
+    "intra_dist_opt": ("get_intra_distributed_optimizer_instance_group", _NO_CHECK),
+    "expt_dp": ("get_expert_data_parallel_group", _NO_CHECK),
+    "tp_dp_cp": ("get_tensor_and_data_parallel_group", {**_NO_CHECK, "with_context_parallel": True}),
+}
+
+#: Fields that may be None on some or all ranks in megatron-core (taken as the MPU gives them).
+_MAY_BE_NONE = frozenset({"embd", "pos_embd", "hcp", "inter_dist_opt"})
+
+
+def _megatron_version() -> str:
+    try:
+        from megatron.core import package_info
+
+        return str(package_info.__version__)
+    except (ImportError, AttributeError):
+        try:
+            return metadata.version("megatron-core")
+        except metadata.PackageNotFoundError:
+            return "unknown"
+
+
+def collection_class(module: Optional[Any] = None, version: Optional[str] = None) -> Any:
+    """megatron-core's ``ProcessGroupCollection`` class; MissingDependencyError when
+    megatron-core is missing or older than :data:`FIRST_RELEASE`.
+
+    ``module`` and ``version`` default to the installed ``megatron.core.process_groups_config``
+    and megatron-core's version (given, they say where the class is looked up).
+
+    Example: ``collection_class().__name__ == "ProcessGroupCollection"``; on
+    megatron-core 0.14.0 it raises ``MissingDependencyError("megatron-core 0.14.0 has no
+    ProcessGroupCollection ... first in megatron-core 0.15.0 ...")``.
+    """
+    if module is None:
+        require("megatron.core", package="megatron-core", extra="megatron",
+                needed_for="Bridge.process_group_collection()")
+        try:
+            module = importlib.import_module("megatron.core.process_groups_config")
+        except ImportError:  # megatron-core < 0.12 has no such module
+            module = None
+    cls = getattr(module, "ProcessGroupCollection", None)
+    if isinstance(cls, type):
+        return cls
+    found = version or _megatron_version()
+    raise MissingDependencyError(
+        f"megatron-core {found} has no megatron.core.process_groups_config.ProcessGroupCollection; "
+        f"the class is first in megatron-core {FIRST_RELEASE} (0.12-0.14 have ModelCommProcessGroups "
+        f"and GradCommProcessGroups instead): pip install 'megatron-core>={FIRST_RELEASE}'"
+    )
+
+
+def _ranks(group: Any) -> List[int]:
+    return sorted(dist.get_process_group_ranks(group))
+
+
+def _from_mpu(bridge: "Bridge", mpu: object) -> Dict[str, Any]:
+    """The fields the MPU answers itself (its own objects), checked against the layout."""
+    layout, rank = bridge.layout, bridge.rank
+    out: Dict[str, Any] = {}
+    for field, (name, kwargs) in _MPU_GETTERS.items():
+        getter = getattr(mpu, name, None)
+        if not callable(getter):
+            continue
+        try:
+            group = getter(**kwargs)
+        except (AssertionError, TypeError, RuntimeError, ValueError):
+            continue  # not initialised, or an older signature: derive it instead
+        if group is None and field not in _MAY_BE_NONE:
+            continue
+        if field in FIELD_KINDS:  # embd / pos_embd: the MPU's own choice of stages is the truth
+            want = layout.group_of(FIELD_KINDS[field], rank)
+            have = _ranks(group)
+            if have != want:
+                raise MpuError(
+                    f"rank {rank}: the MPU's {name}({_kwargs(kwargs)}) holds ranks {have}, but its layout "
+                    f"({partitions.layout_signature(layout)}) says {want}; the MPU's groups and sizes disagree"
+                )
+        out[field] = group
+    return out
+
+
+def _kwargs(kwargs: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+
+
+def _embedding_groups(bridge: "Bridge") -> Tuple[Any, Any]:
+    """This rank's (embedding, position embedding) group objects, or None where it is in none."""
+    embd, pos = bridge.embedding_groups()
+    return (None if embd is None else embd.group), (None if pos is None else pos.group)
+
+
+def collection_groups(bridge: "Bridge") -> Dict[str, Any]:
+    """Field -> group (or None, or a list for ``hcp``) for every name of :data:`FIELDS`.
+
+    The fields the MPU answers are its own objects (local); the rest come from the
+    bridge (collective the first time). Example:
+    ``collection_groups(bridge)["tp"] is bridge.tensor_parallel().group`` over megatron-core.
+    """
+    reader = bridge.reader
+    out = _from_mpu(bridge, reader.mpu) if reader is not None else {}
+    for field in FIELDS:  # fixed order: every rank makes the same requests
+        if field in out:
+            continue
+        if field in FIELD_KINDS:
+            out[field] = bridge.group(FIELD_KINDS[field]).group
+        elif field in ("hcp", "inter_dist_opt"):
+            out[field] = None  # megatron-core: no hierarchical CP, one optimizer instance
+        elif field == "intra_dist_opt":
+            out[field] = bridge.world().group  # one optimizer instance: the whole world
+    if "embd" not in out or "pos_embd" not in out:
+        # last: these leave ranks out, so every covering rank set is registered before them
+        embd, pos = _embedding_groups(bridge)
+        out.setdefault("embd", embd)
+        out.setdefault("pos_embd", pos)
+    # one distributed-optimizer instance: the partial groups are the full ones
+    out.setdefault("intra_dp_cp", out["dp_cp"])
+    out.setdefault("intra_expt_dp", out["expt_dp"])
+    return {field: out[field] for field in FIELDS}
+
+
+def process_group_collection(bridge: "Bridge") -> Any:
+    """megatron-core's ``ProcessGroupCollection`` over ``bridge``'s groups (see the module docstring).
+
+    Raises MissingDependencyError (a BridgeError) where megatron-core is missing or
+    older than :data:`FIRST_RELEASE`, before any communication.
+
+    Example: ``process_group_collection(bridge).dp is bridge.data_parallel().group``.
+    """
+    cls = collection_class()
+    names = {f.name for f in dataclasses.fields(cls)}
+    groups = collection_groups(bridge)
+    return cls(**{field: group for field, group in groups.items() if field in names})
