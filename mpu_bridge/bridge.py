@@ -33,34 +33,26 @@ Example (every rank)::
 
 from __future__ import annotations
 
-import datetime
 import logging
-import threading
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, TypeVar, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, TypeVar, Union
 
-import torch.distributed as dist
-
-from . import _torch, partitions
-from .errors import BridgeError, LayoutError, MpuError
+from . import partitions
+from .bridge_base import BridgeBase
+from .errors import BridgeError, LayoutError
 from .kinds import kind_named
-from .layout import DEFAULT_ORDER, Layout, plan
+from .layout import Layout, plan
 from .legacy_mpu import LegacyMpu
-from .mpu import MpuReader
 from .partitions import Partition
-from .registry import GroupRegistry
 from .state import (
     AllToAllGroups,
-    Broken,
     ExpertGroups,
     GroupInfo,
     State,
     expert_layout,
     expert_layout_for,
-    group_ranks,
-    mpu_changed,
+    mpu_embedding_groups,
     prefer_mpu_group,
     puts_data_before_expert,
-    read_state,
     resolve_gpus_per_node,
 )
 from .validate import boolean, optional_bool, positive_int
@@ -70,187 +62,15 @@ __all__ = ["GroupInfo", "ExpertGroups", "AllToAllGroups", "Bridge", "attach"]
 logger = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
-
-class Bridge:
+class Bridge(BridgeBase):
     """Process groups derived from one MPU (or from the world alone, with no MPU).
 
     Create with :func:`attach`. Group-returning calls are collective the first time
     they are made (see the module docstring); the bridge checks that every rank made
     the same call before creating anything and raises
-    :class:`~mpu_bridge.errors.PlanMismatchError` on every rank otherwise.
+    :class:`~mpu_bridge.errors.PlanMismatchError` on every rank otherwise. The
+    lifecycle, sizes and rank lists come from :class:`~mpu_bridge.bridge_base.BridgeBase`.
     """
-
-    def __init__(
-        self,
-        mpu: Optional[object] = None,
-        *,
-        backend: Optional[str] = None,
-        timeout: datetime.timedelta = datetime.timedelta(minutes=10),
-        pg_options: Optional[object] = None,
-        strategy: str = "auto",
-        agreement_timeout: float = 60.0,
-        verify_plan: Optional[bool] = None,
-        order: Optional[str] = None,
-        gpus_per_node: Optional[int] = None,
-        tp: Optional[int] = None,
-        pp: Optional[int] = None,
-        cp: Optional[int] = None,
-        ep: Optional[int] = None,
-        etp: Optional[int] = None,
-    ) -> None:
-        if not dist.is_available() or not dist.is_initialized():
-            raise BridgeError(
-                "torch.distributed is not initialised; call torch.distributed.init_process_group "
-                "(or the trainer's initialisation) before mpu_bridge.attach"
-            )
-        if order is not None and not isinstance(order, str):
-            raise LayoutError(f"order must be a string such as {DEFAULT_ORDER!r} or None, got {order!r}")
-        self._gpus_per_node = None if gpus_per_node is None else positive_int("gpus_per_node", gpus_per_node)
-        self._lock = threading.RLock()
-        self.world_size: int = dist.get_world_size()
-        self.rank: int = dist.get_rank()
-        self._registry_options = dict(
-            backend=backend,
-            timeout=timeout,
-            pg_options=pg_options,
-            strategy=strategy,
-            agreement_timeout=agreement_timeout,
-            verify_plan=verify_plan,
-        )
-        self._order = order
-        self._sizes = {k: v for k, v in dict(tp=tp, pp=pp, cp=cp, ep=ep, etp=etp).items() if v is not None}
-        self._mpu_object = mpu
-        self._default_group = _torch.default_group()
-        self._closed = False
-        self._warned_clamp: set = set()
-        self._state: Union[State, Broken] = self._build_state()
-
-    def _build_state(self) -> State:
-        return read_state(
-            self._mpu_object, self.world_size, self.rank, self._order, self._registry_options, self._sizes
-        )
-
-    # -- staying current ---------------------------------------------------------------
-
-    def _live(self) -> State:
-        """The current state; raises instead of serving anything stale.
-
-        * closed -> BridgeError; the default group destroyed or replaced -> BridgeError;
-        * the MPU's groups destroyed and not re-created -> MpuError;
-        * the MPU re-initialised -> a new state is built (what this bridge created is
-          destroyed first); if that fails, every call raises the reason until it works.
-        """
-        if self._closed:
-            raise BridgeError("this bridge is closed; attach again to get groups")
-        if _torch.default_group() is not self._default_group or self._default_group is None:
-            self.close()
-            raise BridgeError(
-                "the default process group this bridge was attached in has been destroyed "
-                "(torch.distributed.destroy_process_group), and every group with it; "
-                "re-initialise torch.distributed and the MPU, then call mpu_bridge.attach again"
-            )
-        state = self._state
-        if isinstance(state, State) and not mpu_changed(state):
-            return state
-        return self._rebuild()
-
-    def _rebuild(self) -> State:
-        old = self._state
-        if isinstance(old, State):
-            logger.warning("mpu-bridge: rank %d: the MPU was re-initialised; rebuilding the bridge", self.rank)
-            old.registry.close()
-            self._state = Broken("the MPU was re-initialised and is being read again")
-        try:
-            state = self._build_state()
-        except BridgeError as exc:
-            self._state = Broken(
-                f"the MPU was re-initialised and the bridge cannot read it: {exc}. Every call raises "
-                "this until the MPU is readable again (or close() the bridge)"
-            )
-            raise MpuError(self._state.reason) from None
-        self._state = state
-        return state
-
-    # -- the request path: family -> registry -> group info ----------------------------
-
-    def _request(
-        self,
-        key: str,
-        label: str,
-        families: Callable[[State], Sequence[Tuple[str, Partition]]],
-        finish: Callable[[State, List[Any]], _T],
-    ) -> _T:
-        """The answer to request ``key``: made once per state (collective), then cached.
-
-        ``families`` computes the partitions (pure; an input error there is shared
-        with the other ranks through the registry before it is raised), the registry
-        agrees and creates, ``finish`` builds the answer from the group infos.
-        """
-        with self._lock:
-            state = self._live()
-            if key in state.answers:
-                return state.answers[key]
-            try:
-                named = list(families(state))
-            except BridgeError as exc:
-                state.registry.fail_round(exc, label)
-                raise
-            groups = state.registry.ensure([p for _, p in named], label=label)
-            infos: List[Optional[GroupInfo]] = []
-            for (name, part), group in zip(named, groups):
-                if part.own is None and not part.covers(self.world_size):
-                    infos.append(None)  # a family that leaves this rank out (embedding groups)
-                    continue
-                if part.own is None or group is None:
-                    raise BridgeError(f"rank {self.rank} is in no group of {part.key}")
-                infos.append(GroupInfo(name, group, part.own, part.own.index(self.rank),
-                                       state.registry.is_borrowed(group)))
-            answer = finish(state, infos)
-            state.answers[key] = answer
-            return answer
-
-    def _refuse(self, state: State, label: str, exc: BridgeError) -> BridgeError:
-        """Share an input error found before :meth:`_request` with the other ranks; return it."""
-        state.registry.fail_round(exc, label)
-        return exc
-
-    # -- pure views (no communication) -------------------------------------------------
-
-    def _current(self) -> State:
-        """The live state; after close(), the last one (for reading counters and sizes)."""
-        with self._lock:
-            if self._closed and isinstance(self._state, State):
-                return self._state
-            return self._live()
-
-    @property
-    def layout(self) -> Layout:
-        """The layout of the MPU's groups (or of the standalone world): pure rank arithmetic."""
-        return self._current().layout
-
-    @property
-    def reader(self) -> Optional[MpuReader]:
-        """The reader of the MPU, None when standalone."""
-        return self._current().reader
-
-    @property
-    def registry(self) -> GroupRegistry:
-        """The registry holding this bridge's groups (borrowed and created)."""
-        return self._current().registry
-
-    def ranks(self, name: str, *, ep_size: Optional[int] = None) -> Tuple[int, ...]:
-        """This rank's group of ``name`` as global ranks in group-rank order; no communication.
-
-        ``name`` is a bridge method (``"data_parallel"``), a kind (``"dp"``) or an MPU
-        dimension (``"sdp"``), or ``"world"``; expert kinds need ``ep_size`` and use the
-        layout :meth:`expert_groups` gave (or would give) that size. ``len(...)`` is
-        the group's size and ``.index(bridge.rank)`` this rank's place in it.
-
-        Example: over megatron-core with tp 2 on 4 ranks, ``bridge.ranks("data_parallel")``
-        is ``(0, 2)`` on rank 0.
-        """
-        with self._lock:
-            return group_ranks(self._live(), self.rank, name, ep_size)
 
     # -- dense groups ---------------------------------------------------------------------
 
@@ -398,7 +218,7 @@ class Bridge:
         """
         with self._lock:
             state = self._live()
-            mpu_own = self._mpu_embedding_groups(state)
+            mpu_own = mpu_embedding_groups(state, self.rank)
             if mpu_own is not None:
                 return mpu_own
             if state.layout.config.pp > 1:
@@ -421,25 +241,6 @@ class Bridge:
                 ]
 
             return self._request("embedding", "embedding_groups()", families, lambda s, infos: (infos[0], infos[1]))
-
-    def _mpu_embedding_groups(self, state: State) -> Optional[Tuple[Optional[GroupInfo], Optional[GroupInfo]]]:
-        """The MPU's own embedding groups when it has megatron-core's getters (local), else None."""
-        mpu = state.reader.mpu if state.reader is not None else None
-        names = ("get_embedding_group", "get_position_embedding_group")
-        if mpu is None or not all(callable(getattr(mpu, n, None)) for n in names):
-            return None
-        out: List[Optional[GroupInfo]] = []
-        for name, getter in zip(("embedding", "position_embedding"), names):
-            try:
-                group = getattr(mpu, getter)()
-            except Exception:  # megatron-core asserts "not initialized" where a rank has none
-                group = None
-            if group is None or not _torch.is_live(group):
-                out.append(None)
-                continue
-            ranks = tuple(dist.get_process_group_ranks(group))
-            out.append(GroupInfo(name, group, ranks, ranks.index(self.rank), True))
-        return out[0], out[1]
 
     # -- expert groups ----------------------------------------------------------------------
 
@@ -503,38 +304,6 @@ class Bridge:
             f"expert_tensor_parallel={existing.expert_tensor_parallel}; one expert size has "
             "one layout (DeepSpeed names groups by size alone)"
         )
-
-    def _experts(self) -> Dict[str, ExpertGroups]:
-        state = self._live()
-        return {v.name: v for k, v in state.answers.items() if k.startswith("experts:")}
-
-    def expert_group_names(self) -> Tuple[str, ...]:
-        """Names of the expert groups made so far (local)."""
-        with self._lock:
-            return tuple(self._experts())
-
-    def get_expert_groups(self, name: str) -> ExpertGroups:
-        """The expert groups created under ``name`` (``"ep_size_4"``); local."""
-        with self._lock:
-            experts = self._experts()
-            if name in experts:
-                return experts[name]
-            known = ", ".join(experts) or "none yet"
-            raise BridgeError(f"no expert groups named {name!r} (created: {known}); call expert_groups(ep_size) first")
-
-    def max_expert_size(self) -> int:
-        """The largest expert-parallel size created so far (local)."""
-        with self._lock:
-            experts = self._experts()
-            if not experts:
-                raise BridgeError("no expert groups yet; call expert_groups(ep_size) first")
-            return max(g.ep_size for g in experts.values())
-
-    def max_expert_size_name(self) -> str:
-        return f"ep_size_{self.max_expert_size()}"
-
-    def max_expert_groups(self) -> ExpertGroups:
-        return self.get_expert_groups(self.max_expert_size_name())
 
     # -- ZeRO++ hpZ ------------------------------------------------------------------
 
@@ -601,36 +370,11 @@ class Bridge:
 
             return self._request(f"a2a:{gpn}", label, families, finish)
 
-    # -- adapters & lifecycle ------------------------------------------------------------
+    # -- adapters -----------------------------------------------------------------------------
 
     def as_legacy_mpu(self) -> Any:
         """An object with the whole ``mpu`` surface DeepSpeed calls (see :mod:`mpu_bridge.legacy_mpu`)."""
         return LegacyMpu(self)
-
-    @property
-    def strategy(self) -> str:
-        """How groups are created: ``split_group``, ``local_new_group`` or ``new_group``."""
-        return self.registry.strategy
-
-    def stats(self) -> Dict[str, int]:
-        """Counters of this rank's groups: created, borrowed, reused, agreements."""
-        return self.registry.stats()
-
-    def close(self) -> None:
-        """Destroy the groups this bridge created (never the MPU's). Idempotent."""
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            if isinstance(self._state, State):
-                self._state.registry.close()
-                self._state.answers.clear()
-
-    def __enter__(self) -> "Bridge":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def attach(mpu: Optional[object] = None, **options: Any) -> Bridge:

@@ -15,12 +15,9 @@ Example::
 
 from __future__ import annotations
 
-import itertools
 from typing import AbstractSet, List, Optional, Sequence, Tuple
 
-from .errors import GroupCreationError
 from .partitions import Partition
-from .text import format_ranks
 
 __all__ = ["STRATEGIES", "reuse_votes", "merge_votes", "decide_strategy"]
 
@@ -33,6 +30,11 @@ FALLBACK_REASONS = {
     "count": (
         "ranks hold different numbers of process groups (e.g. megatron-core's embedding groups "
         "with pp > 1), so PyTorch would name the same group differently on its members"
+    ),
+    "mixed": (
+        "some ranks already hold a communicator for their group of a partition (made by a family "
+        "that left other ranks out, e.g. embedding groups) and others do not; every rank enters "
+        "every group and the holders keep the communicator they have"
     ),
     "stale": (
         "PyTorch would reuse the name of a group destroyed earlier (same ranks, same number of "
@@ -70,41 +72,38 @@ def reuse_votes(parts: Sequence[Partition], registered: AbstractSet[Tuple[int, .
 
 def merge_votes(
     parts: Sequence[Partition], rows: Sequence[Tuple[Sequence[int], str]]
-) -> List[bool]:
+) -> List[Optional[bool]]:
     """Reuse decisions from every rank's votes (``rows``: ``(ranks, vote string)``).
 
-    A partition is reused when some rank holds it; raises GroupCreationError when
-    some ranks hold a communicator for it and others do not (they could not agree
-    on whether to create it). Example: ``merge_votes([p], [((0, 1), "1")]) == [True]``.
+    Per partition: True when some rank holds its group and none lacks one (reuse),
+    False when none holds one (create), None when some ranks hold theirs and others
+    do not -- *mixed*, which happens when an earlier family left ranks out (embedding
+    groups): the members of each group still agree, so the batch is created with the
+    all-ranks loop and the holders keep their communicator. Example:
+    ``merge_votes([p], [((0, 1), "1"), ((2, 3), "0")]) == [None]``.
     """
-    reuse: List[bool] = []
-    for i, p in enumerate(parts):
-        have = [ranks for ranks, vec in rows if vec[i] == "1"]
-        lack = [ranks for ranks, vec in rows if vec[i] == "0"]
-        if have and lack:
-            holders = sorted(itertools.chain.from_iterable(have))
-            others = sorted(itertools.chain.from_iterable(lack))
-            raise GroupCreationError(
-                f"partition {p.key!r}: ranks {format_ranks(holders)} already hold a communicator "
-                f"for their group but ranks {format_ranks(others)} do not, so the ranks cannot "
-                "agree on whether to create it; the groups borrowed from the MPU (or created "
-                "earlier, e.g. by a partition that left some ranks out) differ between ranks. "
-                "Borrow the same kinds of groups on every rank."
-            )
-        reuse.append(bool(have))
+    reuse: List[Optional[bool]] = []
+    for i, _ in enumerate(parts):
+        have = any(vec[i] == "1" for _, vec in rows)
+        lack = any(vec[i] == "0" for _, vec in rows)
+        reuse.append(None if have and lack else have)
     return reuse
 
 
 def decide_strategy(
-    chosen: str, *, all_covering: bool, same_group_count: bool, fresh_names: bool
+    chosen: str, *, all_covering: bool, same_group_count: bool, fresh_names: bool, mixed: bool = False
 ) -> Tuple[str, Optional[str]]:
     """``(strategy, fallback reason)`` for a batch: the registry's ``chosen`` strategy,
     or ``new_group`` when member-only creation would be unsafe (see
-    :data:`FALLBACK_REASONS`). Inputs are unanimous facts, so every rank decides alike.
+    :data:`FALLBACK_REASONS`), and for every strategy when some partition's votes are
+    ``mixed`` (see :func:`merge_votes`). Inputs are unanimous facts, so every rank
+    decides alike.
 
     Example: ``decide_strategy("local_new_group", all_covering=False, ...)`` is
     ``("new_group", "a partition does not cover the world")``.
     """
+    if mixed:
+        return "new_group", FALLBACK_REASONS["mixed"]
     if chosen != "local_new_group":
         return chosen, None
     if not all_covering:

@@ -314,6 +314,8 @@ class GroupRegistry:
                 if reused:
                     self.reused += 1
                     results.append(None if p.own is None else self.lookup(p.own))
+                elif reused is None:  # mixed: enter every group, keep what this rank holds
+                    results.append(self._create_keeping(p))
                 else:
                     results.append(self._create(p, strategy))
             return results
@@ -410,7 +412,7 @@ class GroupRegistry:
             facts["fresh"] = "0" if stale else "1"
         return facts
 
-    def _plan_batch(self, parts: Sequence[Partition], label: str) -> Tuple[List[bool], str]:
+    def _plan_batch(self, parts: Sequence[Partition], label: str) -> Tuple[List[Optional[bool]], str]:
         """Agree on the batch and decide, identically on every rank, what to reuse and how to create."""
         votes = planning.reuse_votes(parts, self._registered())
         all_covering = all(p.covers(self.world_size) for p in parts)
@@ -424,6 +426,7 @@ class GroupRegistry:
         self.agreements += 1
         result = agree(self._store, rank=self.rank, world_size=self.world_size, digest=digest,
                        summary=summary, facts=facts, timeout=self.agreement_timeout)
+        reuse: List[Optional[bool]]
         if result.is_unanimous("reuse"):
             reuse = [v == "1" for v in votes]
         else:
@@ -433,6 +436,7 @@ class GroupRegistry:
             all_covering=all_covering,
             same_group_count=result.is_unanimous("names"),
             fresh_names=result.is_unanimous("fresh") and facts.get("fresh", "1") == "1",
+            mixed=any(r is None for r in reuse),
         )
         strategy = self._note_fallback(strategy, reason)
         if strategy == "new_group" and not all(reuse) and not result.is_unanimous("seq"):
@@ -462,6 +466,18 @@ class GroupRegistry:
         return strategy
 
     # -- creation -----------------------------------------------------------------------------
+
+    def _create_keeping(self, p: Partition) -> Optional[Any]:
+        """Enter every group of ``p`` (all-ranks loop); a rank that already holds its group
+        keeps that one and destroys the fresh duplicate (never used, so local)."""
+        held = self.lookup(p.own) if p.own is not None else None
+        if held is None:
+            return self._create(p, "new_group")
+        duplicate = self._strategy("new_group").create(p)
+        if duplicate is not None and duplicate is not held and _torch.is_live(duplicate):
+            dist.destroy_process_group(duplicate)
+        self.reused += 1
+        return held
 
     def _create(self, p: Partition, strategy: str) -> Optional[Any]:
         held = _torch.groups_held()

@@ -40,6 +40,7 @@ __all__ = [
     "Broken",
     "read_state",
     "mpu_changed",
+    "mpu_embedding_groups",
     "group_ranks",
     "expert_layout_for",
     "expert_layout",
@@ -268,6 +269,30 @@ def _borrow_world_sized(reader: MpuReader, registry: GroupRegistry, world_size: 
             continue
         if sorted(ranks) == list(range(world_size)):
             registry.borrow(ranks, group)
+
+
+def mpu_embedding_groups(state: State, rank: int) -> Optional[Tuple[Optional[GroupInfo], Optional[GroupInfo]]]:
+    """The MPU's own (embedding, position embedding) groups when it has megatron-core's
+    getters (local; None for a group this rank is not in), else None.
+
+    Example: over megatron-core with pp 2 on 4 ranks, rank 1 gets ``((1, 3), (1,))``.
+    """
+    mpu = state.reader.mpu if state.reader is not None else None
+    getters = ("get_embedding_group", "get_position_embedding_group")
+    if mpu is None or not all(callable(getattr(mpu, name, None)) for name in getters):
+        return None
+    out: List[Optional[GroupInfo]] = []
+    for name, getter in zip(("embedding", "position_embedding"), getters):
+        try:
+            group = getattr(mpu, getter)()
+        except Exception:  # megatron-core asserts "not initialized" where a rank has none
+            group = None
+        if group is None or not _torch.is_live(group):
+            out.append(None)
+            continue
+        ranks = tuple(dist.get_process_group_ranks(group))
+        out.append(GroupInfo(name, group, ranks, ranks.index(rank), True))
+    return out[0], out[1]
 
 
 def mpu_changed(state: State) -> bool:

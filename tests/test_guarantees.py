@@ -469,3 +469,35 @@ def test_a_rank_that_dies_gives_the_others_an_error_bounded_by_the_timeouts(wher
         assert all("ranks [3] of 4 never arrived" in results[r]["message"] for r in (0, 1, 2))
     else:
         assert all("process-group timeout" in results[r]["message"] for r in (0, 1, 2))
+
+
+# ---------------------------------------------------------------------------------------
+# A family that left ranks out, then a covering one over some of the same rank sets
+# ---------------------------------------------------------------------------------------
+
+
+def _mixed_world(rank: int, world: int) -> Dict[str, Any]:
+    from mpu_bridge import partitions
+    from mpu_bridge.registry import GroupRegistry
+
+    registry = GroupRegistry(agreement_timeout=60)
+    pair = partitions.Partition("pair01", 2, 1, (0, 1) if rank < 2 else None, lambda: [[0, 1]])
+    (first,) = registry.ensure([pair])  # ranks 0 and 1 hold [0, 1]; ranks 2 and 3 nothing
+    (tp,) = registry.ensure([partitions.dense(plan(world, tp=2), "tp", rank)])  # [0, 1] [2, 3]
+    obs = {
+        "kept": first is not None and tp is first,
+        "sum": _sum(tp),
+        "strategy": registry.last_strategy,
+        "created": registry.created,
+    }
+    registry.close()
+    return obs
+
+
+def test_a_covering_family_over_rank_sets_some_ranks_hold_is_created_by_all_and_kept_by_holders():
+    observed = run_ranks(_mixed_world, WORLD, timeout=DEADLINE)
+    assert [o["kept"] for o in observed] == [True, True, False, False]
+    assert [o["sum"] for o in observed] == [1, 1, 5, 5]
+    assert {o["strategy"] for o in observed} == {"new_group"}
+    # ranks 0 and 1: the pair only; ranks 2 and 3: their tp group only
+    assert [o["created"] for o in observed] == [1, 1, 1, 1]

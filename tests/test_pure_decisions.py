@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mpu_bridge import partitions, planning
-from mpu_bridge.errors import GroupCreationError, LayoutError, MpuError
+from mpu_bridge.errors import LayoutError, MpuError
 from mpu_bridge.layout import plan
 from mpu_bridge.mpu.order import infer_order, step_of
 
@@ -42,10 +42,17 @@ def test_votes_merge_to_reuse_when_some_rank_holds_the_group_and_none_lacks_it()
     assert planning.merge_votes([tp], [((0, 1), "1"), ((2, 3), "-")]) == [True]
 
 
-def test_votes_that_disagree_on_holding_a_group_name_both_sides():
+def test_votes_where_some_ranks_hold_their_group_and_others_not_are_mixed():
+    # e.g. one-rank groups made earlier by a family that left ranks 2 and 3 out
     tp = partitions.dense(plan(4, tp=2), "tp", 0)
-    with pytest.raises(GroupCreationError, match=r"ranks \[0-1\] already hold .* ranks \[2-3\] do not"):
-        planning.merge_votes([tp], [((0, 1), "1"), ((2, 3), "0")])
+    assert planning.merge_votes([tp], [((0, 1), "1"), ((2, 3), "0")]) == [None]
+
+
+def test_a_mixed_partition_is_created_by_every_rank_entering_every_group():
+    strategy, why = planning.decide_strategy(
+        "local_new_group", all_covering=True, same_group_count=True, fresh_names=True, mixed=True
+    )
+    assert strategy == "new_group" and "holders keep the communicator they have" in why
 
 
 def test_member_only_creation_is_kept_when_it_is_safe():
