@@ -16,6 +16,10 @@ of a module that need no arguments, what it does before initialisation (called
 here, in a process where ``torch.distributed`` is not initialised: the value it
 returns or the exception it raises).
 
+The flavour ``device-mesh`` (a ``DeviceMesh`` read through ``mpu_bridge.mesh.MeshMpu``)
+has no recorder and no record: its names follow the mesh, not a release (see
+compat/README.md, "Flavours without a record").
+
 The meaning table says what a name *means*; the record says which names a release
 *has*. Only names the installed release has are written, and a keyword variant
 (e.g. ``with_context_parallel=True``) only when the signature has that keyword.

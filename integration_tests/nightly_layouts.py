@@ -3,12 +3,14 @@
 Two pools, filtered by the planner (:func:`mpu_bridge.layout.plan`, no torch) so
 every world size gets exactly the layouts that fit it:
 
-* :data:`MEGATRON_POOL`: megatron-core sizes for ``rank_checks.py megatron`` /
-  ``nccl`` (``--layout`` specs such as ``tp=2,pp=2,ep=2``);
+* :data:`MEGATRON_POOL`: sizes for ``rank_checks.py megatron`` / ``standalone`` /
+  ``nccl`` (``--layout`` specs such as ``tp=2,pp=2,ep=2``; ``standalone`` builds them
+  with ``attach(None, tp=..., ...)``, no megatron-core);
 * :data:`SELFCHECK_POOL`: argument lines for ``python -m mpu_bridge.selfcheck``.
 
 The CPU part (``test_torchrun_suite.py``, 4 ranks on gloo) uses
-:data:`CPU_MEGATRON_LAYOUTS` and :data:`CPU_SELFCHECK_ARGS`; the nightly GPU job
+:data:`CPU_MEGATRON_LAYOUTS` and :data:`CPU_SELFCHECK_ARGS` (and, with 4 GPUs,
+:data:`STANDALONE_SELFCHECK_ARGS`); the nightly GPU job
 (``run_nightly.sh``, 8 or 16 ranks on NCCL) asks this module on the command line::
 
     python integration_tests/nightly_layouts.py megatron 16
@@ -33,6 +35,7 @@ __all__ = [
     "CPU_MEGATRON_LAYOUTS",
     "CPU_SELFCHECK_ARGS",
     "EXTRA_EP",
+    "STANDALONE_SELFCHECK_ARGS",
     "MEGATRON_POOL",
     "SELFCHECK_POOL",
     "megatron_layouts",
@@ -63,10 +66,15 @@ MEGATRON_POOL: Sequence[str] = (
 EXTRA_EP: Sequence[int] = (2, 4, 8)
 
 #: ``python -m mpu_bridge.selfcheck`` argument lines (``--gpus-per-node`` is added per run).
+#: Lines with ``--exports`` also prove the ProcessGroupCollection and the DeviceMesh (on
+#: cuda with NCCL); lines without ``--with-megatron`` are standalone layouts, whose groups
+#: the bridge creates itself (``split_group`` on NCCL).
 SELFCHECK_POOL: Sequence[str] = (
     "--ep 2 4 8 --hpz 2",
-    "--with-megatron --tp 2 --ep 2 --hpz 2",
-    "--with-megatron --tp 2 --pp 2 --ep 2 4 --etp 1 --hpz 2",
+    "--with-megatron --tp 2 --ep 2 --hpz 2 --exports",
+    "--tp 2 --pp 2 --ep 2 --etp 1 --exports",
+    "--with-megatron --tp 2 --pp 2 --ep 2 4 --etp 1 --hpz 2 --exports",
+    "--tp 2 --cp 2 --ep 4 --etp 1 --order tp-cp-dp-ep-pp --exports",
     "--with-megatron --tp 2 --cp 2 --ep 2",
     f"--with-megatron --tp 4 --ep 2 --order {DATA_BEFORE_EXPERT}",
     "--with-megatron --tp 4 --pp 2 --ep 4 --etp 1 --hpz 2",
@@ -82,8 +90,13 @@ CPU_MEGATRON_LAYOUTS: Sequence[str] = (
     f"ep=2,order={DATA_BEFORE_EXPERT}",
 )
 CPU_EXTRA_EP: Sequence[int] = (2, 4)
-#: The CPU part's self-check: megatron-core underneath, every derived kind, two "nodes" of 2.
-CPU_SELFCHECK_ARGS: str = "--with-megatron --tp 2 --ep 2 --hpz 2 --gpus-per-node 2"
+#: The CPU part's self-check: megatron-core underneath, every derived kind, two "nodes" of 2,
+#: and the exports (ProcessGroupCollection fields and DeviceMesh dims) proven on every rank.
+CPU_SELFCHECK_ARGS: str = "--with-megatron --tp 2 --ep 2 --hpz 2 --gpus-per-node 2 --exports"
+#: With 4 GPUs only (the CPU part proves standalone layouts in ``rank_checks.py standalone``
+#: and ``tests/test_selfcheck.py``): a standalone full layout whose groups come from
+#: split_group on NCCL, with its exports (the mesh on cuda).
+STANDALONE_SELFCHECK_ARGS: str = "--tp 2 --pp 2 --ep 2 --etp 1 --exports"
 
 _SPEC_KEYS = ("tp", "pp", "cp", "ep", "etp", "order")
 

@@ -3,7 +3,7 @@
 Usage (every node of the job runs the same command)::
 
     torchrun --standalone --nproc-per-node 8 integration_tests/rank_checks.py \\
-        megatron nccl deepspeed --layout tp=2,ep=2 --layout pp=2,ep=2 --extra-ep 2 4 8
+        megatron standalone nccl deepspeed --layout tp=2,ep=2 --layout pp=2,ep=2 --extra-ep 2 4 8
 
 Each rank reads ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` and ``LOCAL_WORLD_SIZE``
 from torchrun and initialises ``torch.distributed`` itself: NCCL bound to
@@ -30,6 +30,20 @@ order, in that one world:
     nothing created); a bridge with ``pg_options=ProcessGroupNCCL.Options(
     is_high_priority_stream=True)`` creates its derived groups with
     ``split_group`` and those options; all-reduces on the GPU give the right sums.
+``standalone``
+    for every ``--layout``, no megatron-core: ``mpu_bridge.attach(None, tp=..., pp=...,
+    cp=..., ep=..., etp=..., order=...)``, a full standalone layout. Every kind of the
+    kind table (``bridge.group``) has the planner's ranks and sums right in an
+    all-reduce; on NCCL the default group is bound to the GPU and the strategy is
+    ``split_group`` (``local_new_group`` on gloo). ``torch.distributed.split_group``
+    is counted: exactly one call per partition the bridge creates (none for a rank set
+    it already holds), no partition split twice, the same number of calls on every rank,
+    no fallback to ``new_group``; none at all on gloo. Then the exports:
+    ``bridge.process_group_collection()`` (every non-None field's all-reduce) and
+    ``bridge.device_mesh(device_type=<cuda|cpu>)`` (and the expert mesh with ep > 1):
+    building them creates no process group, each dim's group is the bridge's own
+    object, all-reduces over the mesh's groups and a DTensor shard -> replicate
+    round trip along every dim give the right numbers.
 ``deepspeed``
     megatron-core tp=2; ``deepspeed.initialize(mpu=bridge.as_legacy_mpu())`` trains
     two ZeRO-2 steps of a model with a tensor-parallel weight; the parameters equal a
@@ -50,6 +64,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import faulthandler
+import functools
 import importlib
 import inspect
 import json
@@ -73,7 +88,7 @@ from mpu_bridge.errors import LayoutError
 # Run as a script (torchrun integration_tests/rank_checks.py), this directory is on sys.path.
 from nightly_layouts import parse_spec
 
-PROGRAMS: Tuple[str, ...] = ("megatron", "nccl", "deepspeed")
+PROGRAMS: Tuple[str, ...] = ("megatron", "standalone", "nccl", "deepspeed")
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 
@@ -540,6 +555,165 @@ def run_nccl(world: World, layouts: Sequence[str], extra_ep: Sequence[int]) -> L
     return outcomes
 
 
+# -- program: standalone ---------------------------------------------------------------------
+
+
+class SplitCounter:
+    """Counts ``torch.distributed.split_group`` calls while installed (a context manager).
+
+    Each call is recorded as (partition key, split ranks); the key is the
+    ``group_desc`` the bridge passes (the partition's key) where PyTorch accepts it.
+    ``functools.wraps`` keeps the signature the bridge inspects.
+    """
+
+    def __init__(self) -> None:
+        self.calls: List[Tuple[str, List[List[int]]]] = []
+        self._original: Any = None
+
+    def __enter__(self) -> "SplitCounter":
+        self._original = getattr(dist, "split_group", None)
+        if self._original is not None:
+            original = self._original
+
+            @functools.wraps(original)
+            def counting(parent_pg: Any = None, split_ranks: Any = None, *args: Any, **kwargs: Any) -> Any:
+                self.calls.append((str(kwargs.get("group_desc", "")), [list(r) for r in split_ranks or []]))
+                return original(parent_pg, split_ranks, *args, **kwargs)
+
+            dist.split_group = counting
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._original is not None:
+            dist.split_group = self._original
+
+
+def _standalone_sizes(sizes: Dict[str, Any]) -> Dict[str, Any]:
+    out = {k: sizes[k] for k in ("tp", "pp", "cp", "ep") if sizes.get(k) is not None}
+    if sizes.get("etp") is not None:
+        out["etp"] = sizes["etp"]
+    return out
+
+
+def _check_standalone_kinds(world: World, case: Case, bridge: Any, layout: Any, counter: SplitCounter) -> None:
+    """Every kind: the planner's ranks, an all-reduce, one split_group call per new partition."""
+    from mpu_bridge.kinds import KIND_TABLE
+
+    for kind in KIND_TABLE:
+        want = sorted(layout.group_of(kind.name, world.rank))
+        existed = bridge.registry.lookup(want) is not None
+        calls, created = len(counter.calls), bridge.stats()["created"]
+        info = bridge.group(kind.name)
+        case.equal(f"{kind.name} ranks (planner)", sorted(info.ranks), want)
+        case.equal(f"{kind.name}: groups created ({'reused' if existed else 'new'} rank set)",
+                   bridge.stats()["created"] - created, 0 if existed else 1)
+        case.equal(f"{kind.name} all-reduce of ranks", sum_of_ranks(info.group, world), sum(info.ranks))
+        new_calls = len(counter.calls) - calls
+        if world.bound:
+            case.equal(f"{kind.name}: split_group calls ({'reused' if existed else 'created'})",
+                       new_calls, 0 if existed else 1)
+        else:
+            case.equal(f"{kind.name}: split_group calls on an unbound {world.backend} world", new_calls, 0)
+        if not existed and world.bound:
+            case.equal(f"{kind.name}: creation strategy", bridge.registry.last_strategy, "split_group")
+        elif not existed:  # gloo: member-only, or all-ranks where that would be unsafe (stale names)
+            case.expect(bridge.registry.last_strategy in ("local_new_group", "new_group"),
+                        f"{kind.name}: creation strategy {bridge.registry.last_strategy!r} on gloo")
+
+
+def _check_standalone_collection(world: World, case: Case, bridge: Any, layout: Any) -> None:
+    """Every non-None field of the collection: its ranks and an all-reduce (embedding groups last)."""
+    from mpu_bridge import partitions
+    from mpu_bridge.pg_collection import FIELD_KINDS, FIELDS
+
+    pgc = bridge.process_group_collection()
+    embedding = {"embd": partitions.embedding(layout, world.rank).own,
+                 "pos_embd": partitions.position_embedding(layout, world.rank).own}
+    for name in FIELDS:
+        group = getattr(pgc, name, None)
+        if name in FIELD_KINDS:
+            case.equal(f"pg_collection.{name} ranks", sorted(group_ranks(group)),
+                       sorted(layout.group_of(FIELD_KINDS[name], world.rank)))
+        elif name in embedding:
+            want = embedding[name]
+            case.equal(f"pg_collection.{name} ranks", None if group is None else sorted(group_ranks(group)),
+                       None if want is None else sorted(want))
+        if group is not None:
+            case.equal(f"pg_collection.{name} all-reduce of ranks", sum_of_ranks(group, world),
+                       sum(group_ranks(group)))
+
+
+def _check_mesh(world: World, case: Case, bridge: Any, label: str, **kwargs: Any) -> None:
+    """A mesh on this world's device: nothing created, the bridge's groups, collectives and DTensor."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    held, created = pg_count(), bridge.stats()["created"]
+    mesh = bridge.device_mesh(device_type=world.device.type, **kwargs)
+    case.equal(f"{label}: process groups created by building it", pg_count() - held, 0)
+    case.equal(f"{label}: groups the bridge created for it", bridge.stats()["created"] - created, 0)
+    case.equal(f"{label}: device type", mesh.device_type, world.device.type)
+    names = tuple(mesh.mesh_dim_names or ())
+    ep_size = kwargs.get("ep_size")
+    for name in names:
+        group = mesh.get_group(name)
+        own = bridge.group(name, ep_size=ep_size) if kwargs.get("expert") else bridge.group(name)
+        case.expect(group is own.group, f"{label}[{name!r}]: not the bridge's own group object")
+        case.equal(f"{label}[{name!r}] all-reduce on {world.device.type}", sum_of_ranks(group, world),
+                   sum(group_ranks(group)))
+    values = torch.arange(2 * world.world_size, dtype=torch.float32, device=world.device)
+    for axis, name in enumerate(names):
+        placements: List[Any] = [Replicate()] * len(names)
+        placements[axis] = Shard(0)
+        sharded = distribute_tensor(values, mesh, placements)
+        full = sharded.redistribute(mesh, [Replicate()] * len(names)).to_local()
+        case.equal(f"{label}[{name!r}] DTensor Shard(0) -> Replicate", full.cpu().tolist(), values.cpu().tolist())
+
+
+def check_standalone_layout(world: World, case: Case, sizes: Dict[str, Any]) -> int:
+    """One standalone full layout; returns this rank's split_group calls."""
+    from mpu_bridge.layout import plan
+
+    layout = plan(world.world_size, order=sizes["order"], **_standalone_sizes(sizes))
+    if world.backend == "nccl":
+        case.expect(world.bound, "NCCL default group not bound to a device (init_process_group device_id)")
+    with SplitCounter() as counter:
+        bridge = mpu_bridge.attach(None, order=sizes["order"], agreement_timeout=world.timeout_s,
+                                   **_standalone_sizes(sizes))
+        try:
+            case.equal("group creation strategy", bridge.strategy, world.expected_strategy())
+            case.equal("process groups created by attach", len(counter.calls), 0)
+            _check_standalone_kinds(world, case, bridge, layout, counter)
+            _check_standalone_collection(world, case, bridge, layout)
+            keys = [key for key, _ in counter.calls]
+            if keys and all(keys):  # group_desc = the partition's key: none split twice
+                case.equal("partitions split more than once", sorted({k for k in keys if keys.count(k) > 1}), [])
+            counts: List[Any] = [None] * world.world_size
+            dist.all_gather_object(counts, len(counter.calls))
+            case.equal("split_group calls on every rank (collective: the same number)", counts,
+                       [len(counter.calls)] * world.world_size)
+            if world.bound:
+                case.expect(len(counter.calls) > 0, "no split_group call on a bound NCCL world")
+                case.equal("batches that fell back to new_group", bridge.stats()["fallbacks"], 0)
+            _check_mesh(world, case, bridge, "device_mesh")
+            if layout.config.ep > 1:
+                _check_mesh(world, case, bridge, "expert device_mesh", expert=True)
+        finally:
+            bridge.close()
+    return len(counter.calls)
+
+
+def run_standalone(world: World, layouts: Sequence[str]) -> List[Outcome]:
+    outcomes = []
+    for spec in layouts:
+        started = time.monotonic()
+        case = Case("standalone", spec, world.rank)
+        calls = check_standalone_layout(world, case, parse_spec(spec))
+        if world.rank == 0:
+            case.notes.append(f"split_group calls per rank: {calls} (strategy {world.expected_strategy()})")
+        outcomes.append(settle(world, case, started))
+    return outcomes
+
+
 # -- program: deepspeed ---------------------------------------------------------------------
 
 _DS_TP = 2
@@ -728,7 +902,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         action="append",
         default=None,
         metavar="SPEC",
-        help="megatron-core sizes for the megatron and nccl programs, e.g. tp=2,pp=2,ep=2,etp=1,"
+        help="sizes for the megatron, standalone and nccl programs, e.g. tp=2,pp=2,ep=2,etp=1,"
         "order=tp-cp-ep-dp-pp; repeat for several (default: tp=2,ep=2)",
     )
     parser.add_argument(
@@ -765,6 +939,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for program in args.programs:
             if program == "megatron":
                 outcomes += run_megatron(world, args.layout, args.extra_ep)
+            elif program == "standalone":
+                outcomes += run_standalone(world, args.layout)
             elif program == "nccl":
                 outcomes += run_nccl(world, args.layout, args.extra_ep)
             else:

@@ -30,7 +30,7 @@ Environment:
   PYTHON          interpreter with CUDA torch and mpu-bridge installed
                   (default: .venv/bin/python if present, else python3)
   BACKEND         nccl (default) or gloo, for both programs
-  PROGRAMS        rank_checks.py programs (default: "megatron nccl deepspeed")
+  PROGRAMS        rank_checks.py programs (default: "megatron standalone nccl deepspeed")
   STEP_TIMEOUT    seconds before a launch is killed (default 900)
   LOG_DIR         one log per launch, and rank_checks.json (default out/nightly)
   RDZV_ID         rendezvous id prefix, the same on every node
@@ -57,7 +57,7 @@ if [ -z "${NPROC_PER_NODE:-}" ]; then
 fi
 NNODES="${NNODES:-2}"
 BACKEND="${BACKEND:-nccl}"
-PROGRAMS="${PROGRAMS:-megatron nccl deepspeed}"
+PROGRAMS="${PROGRAMS:-megatron standalone nccl deepspeed}"
 STEP_TIMEOUT="${STEP_TIMEOUT:-900}"
 LOG_DIR="${LOG_DIR:-out/nightly}"
 RDZV_ID="${RDZV_ID:-mpu-bridge-${GITHUB_RUN_ID:-nightly}}"

@@ -9,9 +9,12 @@ see ``run_nightly.sh``).
 
 Two launches hold the work (starting ranks and importing megatron-core is most of
 the cost): one ``rank_checks.py`` job (megatron-core equality over several
-layouts, the DeepSpeed client step, and on GPUs the NCCL options and
-``split_group`` paths) whose report every case test reads, and one self-check job.
-A third, small launch makes sure a failing rank fails the whole job.
+layouts, the same layouts as standalone full layouts with their
+``ProcessGroupCollection`` and ``DeviceMesh``, the DeepSpeed client step, and on
+GPUs the NCCL options and ``split_group`` paths) whose report every case test
+reads, and one self-check job with ``--exports``. A third, small launch makes sure
+a failing rank fails the whole job. With 4 GPUs a fourth runs the self-check over a
+standalone full layout on NCCL (groups from ``split_group``, the mesh on cuda).
 Besides, the layouts, the launch script and the workflow are checked without
 launching anything.
 """
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -32,6 +36,7 @@ from nightly_layouts import (
     CPU_EXTRA_EP,
     CPU_MEGATRON_LAYOUTS,
     CPU_SELFCHECK_ARGS,
+    STANDALONE_SELFCHECK_ARGS,
     megatron_layouts,
     parse_spec,
     selfcheck_layouts,
@@ -53,9 +58,9 @@ LAUNCH_TIMEOUT_S = 600.0
 
 @pytest.fixture(scope="module")
 def rank_checks(launch_torchrun, tmp_path_factory) -> Dict[str, Any]:
-    """One ``rank_checks.py`` job: megatron, deepspeed (and nccl on GPUs); its report by case."""
+    """One ``rank_checks.py`` job: megatron, standalone, deepspeed (and nccl on GPUs); its report by case."""
     report = tmp_path_factory.mktemp("rank_checks") / "report.json"
-    programs = ["megatron", "deepspeed"] + (["nccl"] if ON_GPUS else [])
+    programs = ["megatron", "standalone", "deepspeed"] + (["nccl"] if ON_GPUS else [])
     launch = launch_torchrun(
         [
             RANK_CHECKS,
@@ -102,8 +107,37 @@ def selfcheck(launch_torchrun) -> Launch:
     )
 
 
+@pytest.fixture(scope="module")
+def standalone_selfcheck(launch_torchrun) -> Launch:
+    """GPU machines only (the tests that use it are skipped elsewhere)."""
+    return launch_torchrun(
+        ["-m", "mpu_bridge.selfcheck", *shlex.split(STANDALONE_SELFCHECK_ARGS), "--timeout",
+         str(LAUNCH_TIMEOUT_S - 60)],
+        timeout=LAUNCH_TIMEOUT_S,
+    )
+
+
+def _report_rows(output: str) -> Dict[str, List[str]]:
+    """The self-check report's group table: label -> its other cells."""
+    lines = output.splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith("group kind ")), None)
+    rows: Dict[str, List[str]] = {}
+    if start is None:
+        return rows
+    for line in lines[start + 1:]:
+        if not line.strip():
+            break
+        cells = re.split(r"\s{2,}", line.strip())
+        rows[cells[0]] = cells[1:]
+    return rows
+
+
+def _export_rows(output: str) -> Dict[str, List[str]]:
+    return {k: v for k, v in _report_rows(output).items() if k.startswith(("pg_collection.", "device_mesh"))}
+
+
 # ---------------------------------------------------------------------------------------
-# rank_checks.py: megatron-core equality, DeepSpeed, NCCL
+# rank_checks.py: megatron-core equality, standalone layouts, DeepSpeed, NCCL
 # ---------------------------------------------------------------------------------------
 
 
@@ -128,6 +162,29 @@ def test_bridge_answers_equal_megatron_core_and_expert_groups_sum_right(rank_che
 def test_other_expert_sizes_were_checked_in_some_layout(rank_checks):
     notes = " ".join(n for layout in CPU_MEGATRON_LAYOUTS for n in _case(rank_checks, "megatron", layout)["notes"])
     assert "[2, 4]" in notes and "[4]" in notes, notes
+
+
+@pytest.mark.parametrize("layout", CPU_MEGATRON_LAYOUTS)
+def test_standalone_full_layouts_and_their_exports_prove_every_group(rank_checks, layout):
+    """attach(None, tp=..., ...): every kind and collection field has the planner's ranks and
+    sums right; the DeviceMesh on this world's device creates nothing, holds the bridge's
+    groups, and DTensor round trips along its dims; split_group is counted per partition."""
+    case = _case(rank_checks, "standalone", layout)
+    _assert_passed(case)
+    assert any("split_group calls per rank" in note for note in case["notes"]), case["notes"]
+
+
+@pytest.mark.gpu
+@NEEDS_GPUS
+@pytest.mark.parametrize("layout", CPU_MEGATRON_LAYOUTS)
+def test_standalone_layouts_on_nccl_are_created_by_split_group(rank_checks, layout):
+    """On a device-bound NCCL default group the strategy is split_group and groups were split
+    (one call per created partition, checked on every rank in the case)."""
+    notes = " ".join(_case(rank_checks, "standalone", layout)["notes"])
+    match = re.search(r"split_group calls per rank: (\d+) \(strategy (\w+)\)", notes)
+    assert match is not None, notes
+    assert match.group(2) == "split_group", notes
+    assert int(match.group(1)) > 0, notes
 
 
 def test_deepspeed_trains_over_the_bridge_like_plain_torch(rank_checks):
@@ -162,6 +219,33 @@ def test_selfcheck_under_torchrun_reports_the_launch_and_strategy(selfcheck):
 @NEEDS_GPUS
 def test_selfcheck_on_nccl_creates_groups_with_split_group(selfcheck):
     assert "group creation split_group" in selfcheck.output, selfcheck.describe()
+
+
+def test_selfcheck_exports_are_proven_on_every_rank(selfcheck):
+    """--exports under torchrun: every non-None collection field and every mesh dim (the mesh
+    on cuda with NCCL) is a row, megatron-core's own communicator, all-reduce and broadcast on 4 ranks."""
+    rows = _export_rows(selfcheck.output)
+    assert "pg_collection.tp" in rows and "device_mesh.dp" in rows and "device_mesh[ep=2].ep" in rows, (
+        selfcheck.describe()
+    )
+    for label, cells in rows.items():
+        assert cells[2].startswith("borrowed"), (label, cells)
+        assert cells[3:] == [f"{NPROC}/{NPROC}"] * 3 + ["ok"], (label, cells)
+    assert "0 groups created" in selfcheck.output, selfcheck.describe()
+
+
+@pytest.mark.gpu
+@NEEDS_GPUS
+def test_standalone_selfcheck_on_nccl_splits_groups_and_proves_the_exports(standalone_selfcheck):
+    launch = standalone_selfcheck
+    assert launch.returncode == 0, launch.describe()
+    header = next((line for line in launch.output.splitlines() if line.startswith("mpu-bridge selfcheck:")), "")
+    assert "backend nccl" in header and "MPU standalone (no MPU)" in header, header
+    assert "group creation split_group" in header, header
+    assert "fell back" not in launch.output or "0 creation batch(es) fell back" in launch.output, launch.describe()
+    rows = _export_rows(launch.output)
+    assert "device_mesh.tp" in rows and "device_mesh[ep=2].etp" in rows, launch.describe()
+    assert all(cells[-1] == "ok" for cells in rows.values()), rows
 
 
 def test_a_rank_with_a_wrong_sum_fails_the_torchrun_job(launch_torchrun):
@@ -234,7 +318,7 @@ def test_single_node_dry_run_launches_every_layout_on_eight_ranks():
     launches = [line for line in done.stdout.splitlines() if "torch.distributed.run" in line]
     assert len(launches) == 1 + len(selfcheck_layouts(8, gpus_per_node=8))
     assert all("--standalone" in line and "--nproc-per-node 8" in line for line in launches)
-    assert sum("rank_checks.py megatron nccl deepspeed" in line for line in launches) == 1
+    assert sum("rank_checks.py megatron standalone nccl deepspeed" in line for line in launches) == 1
 
 
 def test_multi_node_dry_run_uses_torchruns_rendezvous_flags():

@@ -353,21 +353,26 @@ def _conclude(store: Any, seat: _Seat, outcome_text: str, timeout: float) -> Agr
         raise _timeout_error(seat.rank, seat.world_size, seat.label, timeout, json.loads(outcome_text),
                              seat.missed)
     prefix, world_size = seat.prefix, seat.world_size
+    # Every counter is final once the round is ok; this rank created its own keys: read
+    # them all in one round trip where the store can.
+    names = list(seat.facts)
+    counts = _counters(
+        store,
+        [f"{prefix}/d/{_value_key(seat.digest)}"]
+        + [f"{prefix}/f/{name}/{_value_key(seat.facts[name])}" for name in names],
+    )
     agreement = Agreement(
         round=seat.round,
         epoch=seat.epoch,
         rank=seat.rank,
         world_size=world_size,
         facts=seat.facts,
-        unanimous={
-            name: int(store.add(f"{prefix}/f/{name}/{_value_key(value)}", 0)) == world_size
-            for name, value in seat.facts.items()
-        },
+        unanimous={name: count == world_size for name, count in zip(names, counts[1:])},
         _store=store,
         _prefix=prefix,
         _timeout=timeout,
     )
-    if int(store.add(f"{prefix}/d/{_value_key(seat.digest)}", 0)) != world_size:
+    if counts[0] != world_size:
         table = agreement.collect()
         _end_epoch(store, seat.namespace, seat.rank, seat.epoch)
         raise PlanMismatchError(
@@ -382,6 +387,17 @@ def _conclude(store: Any, seat: _Seat, outcome_text: str, timeout: float) -> Agr
         except (RuntimeError, NotImplementedError):
             pass
     return agreement
+
+
+def _counters(store: Any, keys: List[str]) -> List[int]:
+    """The values of counter ``keys`` (all present): one ``multi_get`` where the store has it."""
+    multi_get = getattr(store, "multi_get", None)
+    if multi_get is not None:
+        try:
+            return [int(v) for v in multi_get(keys)]
+        except (RuntimeError, NotImplementedError):
+            pass
+    return [int(store.add(key, 0)) for key in keys]
 
 
 def _agree(

@@ -228,6 +228,25 @@ def _installed_by(group: Any) -> Optional["GroupInfo"]:
     return None
 
 
+def _other_hpz_group(present: Any, info: "GroupInfo", rank: int) -> BridgeError:
+    """The error for a DeepSpeed that already holds another hpZ group than ``info``'s."""
+    ours = _installed_by(present)
+    held = list(ours.ranks) if ours is not None else _group_ranks(present)
+    if ours is not None:
+        return BridgeError(
+            f"DeepSpeed already holds an hpZ group installed by mpu-bridge (ranks {held} on rank "
+            f"{rank}, size {len(held)}), not the bridge's size-{info.world_size} group "
+            f"{list(info.ranks)}; DeepSpeed keeps one hpZ group per process: call "
+            "uninstall_hpz_group on the bridge that installed it first"
+        )
+    return BridgeError(
+        f"DeepSpeed already holds a ZeRO parameter intra parallel (hpZ) group that mpu-bridge did "
+        f"not create (ranks {held} on rank {rank}, the bridge's are {list(info.ranks)}); "
+        "call install_hpz_group before deepspeed.initialize and deepspeed.zero.Init, which "
+        "create their own when zero_hpz_partition_size > 1 and none is installed"
+    )
+
+
 def install_hpz_group(bridge: "Bridge", partition_size: int) -> "GroupInfo":
     """Create the bridge's ZeRO++ hpZ group of ``partition_size`` and make it DeepSpeed's.
 
@@ -271,21 +290,7 @@ def install_hpz_group(bridge: "Bridge", partition_size: int) -> "GroupInfo":
         _installed_hpz[bridge] = info
         return info
     if present is not None:
-        ours = _installed_by(present)
-        held = list(ours.ranks) if ours is not None else _group_ranks(present)
-        if ours is not None:
-            raise BridgeError(
-                f"DeepSpeed already holds an hpZ group installed by mpu-bridge (ranks {held} on rank "
-                f"{bridge.rank}, size {len(held)}), not the bridge's size-{info.world_size} group "
-                f"{list(info.ranks)}; DeepSpeed keeps one hpZ group per process: call "
-                "uninstall_hpz_group on the bridge that installed it first"
-            )
-        raise BridgeError(
-            f"DeepSpeed already holds a ZeRO parameter intra parallel (hpZ) group that mpu-bridge did "
-            f"not create (ranks {held} on rank {bridge.rank}, the bridge's are {list(info.ranks)}); "
-            "call install_hpz_group before deepspeed.initialize and deepspeed.zero.Init, which "
-            "create their own when zero_hpz_partition_size > 1 and none is installed"
-        )
+        raise _other_hpz_group(present, info, bridge.rank)
     setattr(module, _HPZ_GROUP, info.group)
     _installed_hpz[bridge] = info
     logger.info(

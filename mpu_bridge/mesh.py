@@ -316,10 +316,17 @@ class MeshMpu:
     a group's. A group no mesh dim holds is left for the bridge to create on request.
     The rank order is inferred from the mesh tensor (exposed as ``order``).
 
+    The reader reports it as the MPU flavour ``"device-mesh"`` (detected by class, see
+    :func:`mpu_bridge.mpu.names.detect_flavour`), answered with megatron-core's getter
+    names for the dims the mesh has. It has no record in ``compat/surfaces``: it exists
+    only over a live mesh (``compat/README.md`` says why); ``tests/test_mesh.py`` reads
+    real meshes instead.
+
     Example (every rank)::
 
         mesh = init_device_mesh("cpu", (2, 2, 2), mesh_dim_names=("pp", "dp", "tp"))
         bridge = mpu_bridge.attach(mesh)      # reads MeshMpu(mesh)
+        bridge.reader.flavour                 # "device-mesh"
         bridge.tensor_parallel().group is mesh.get_group("tp")      # True
     """
 

@@ -15,11 +15,13 @@ Example::
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import AbstractSet, List, Optional, Sequence, Tuple
 
 from .partitions import Partition
 
-__all__ = ["STRATEGIES", "reuse_votes", "merge_votes", "decide_strategy"]
+__all__ = ["STRATEGIES", "digest", "reuse_votes", "merge_votes", "decide_strategy"]
 
 #: The creation strategies a registry can use (``"auto"`` picks one of them).
 STRATEGIES = ("split_group", "local_new_group", "new_group")
@@ -41,6 +43,24 @@ FALLBACK_REASONS = {
         "groups held), and its rendezvous would read stale addresses"
     ),
 }
+
+
+def digest(
+    parts: Sequence[Partition], label: str, *, backend: str, strategy: str, options: Optional[object]
+) -> Tuple[str, str]:
+    """``(digest, summary)`` of a batch: what every rank must have asked for alike.
+
+    The digest covers the partitions' fingerprints, the caller's request ``label``
+    and the creation settings; the summary names them for error messages. Example:
+    ``digest([tp], "tensor_parallel()", backend="gloo", strategy="auto", options=None)[1]``
+    starts with ``"[tp (2 groups of 2, first [0, 1])]"``.
+    """
+    config = [backend, strategy, type(options).__name__, label]
+    text = json.dumps([config, [p.fingerprint() for p in parts]])
+    summary = "[" + ", ".join(p.summary() for p in parts) + f"] (backend {backend})"
+    if label:
+        summary = f"{summary} from {label}"
+    return hashlib.sha1(text.encode("utf-8")).hexdigest(), summary
 
 
 def reuse_votes(parts: Sequence[Partition], registered: AbstractSet[Tuple[int, ...]]) -> List[str]:

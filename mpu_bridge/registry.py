@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import datetime
 import hashlib
-import json
 import logging
 import threading
 from dataclasses import dataclass
@@ -387,14 +386,6 @@ class GroupRegistry:
     def _registered(self) -> set:
         return {k[0] for k in self._entries if k[1:] == (self.backend, self._options_key)}
 
-    def _digest(self, parts: Sequence[Partition], label: str) -> Tuple[str, str]:
-        config = [self.backend, self.requested_strategy, type(self.pg_options).__name__, label]
-        text = json.dumps([config, [p.fingerprint() for p in parts]])
-        summary = "[" + ", ".join(p.summary() for p in parts) + f"] (backend {self.backend})"
-        if label:
-            summary = f"{summary} from {label}"
-        return hashlib.sha1(text.encode("utf-8")).hexdigest(), summary
-
     def _local_facts(self, parts: Sequence[Partition], votes: List[str]) -> Dict[str, str]:
         """Facts every rank must share for the decision to be safe (see the module docstring)."""
         facts: Dict[str, str] = {"reuse": "".join(votes)}
@@ -422,7 +413,9 @@ class GroupRegistry:
             )
             return [v == "1" for v in votes], self._note_fallback(strategy, reason)
         facts = self._local_facts(parts, votes)
-        digest, summary = self._digest(parts, label)
+        digest, summary = planning.digest(
+            parts, label, backend=self.backend, strategy=self.requested_strategy, options=self.pg_options
+        )
         self.agreements += 1
         result = agree(self._store, rank=self.rank, world_size=self.world_size, digest=digest,
                        summary=summary, facts=facts, timeout=self.agreement_timeout)

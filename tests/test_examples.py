@@ -4,7 +4,7 @@ Each example is started the way a user starts it: ``torchrun --standalone
 --nproc-per-node 4`` (as ``python -m torch.distributed.run``, on gloo: no GPU is made
 visible) or plain ``python``. The tests read what rank 0 prints and check every
 rank's groups and collective results against the layout megatron-core builds for
-those sizes. The two 4-rank examples take 15–25 s each on a shared 2-core machine.
+those sizes. The 4-rank examples take 15–40 s each on a shared 2-core machine.
 
 One difference from a user's run: DeepSpeed on CPU compiles a shared-memory op the
 first time it starts (30–70 s, cached per environment). The DeepSpeed example runs
@@ -21,6 +21,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+from importlib import metadata
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -33,6 +34,24 @@ RUN_TIMEOUT_S = 300.0
 needs_megatron = pytest.mark.skipif(
     importlib.util.find_spec("megatron.core") is None,
     reason="needs megatron-core (pip install 'mpu-bridge[megatron]')",
+)
+
+
+def _megatron_has_pg_collection() -> bool:
+    """megatron-core >= 0.15 (the first with ``ProcessGroupCollection``), by its version only."""
+    if importlib.util.find_spec("megatron.core") is None:
+        return False
+    try:
+        release = metadata.version("megatron-core")
+    except metadata.PackageNotFoundError:
+        return True  # a checkout: let the example say what is missing
+    parts = [int(p) for p in re.findall(r"\d+", release)[:2]]
+    return parts >= [0, 15]
+
+
+needs_pg_collection = pytest.mark.skipif(
+    not _megatron_has_pg_collection(),
+    reason="needs megatron-core >= 0.15, the first with ProcessGroupCollection (pip install 'mpu-bridge[megatron]')",
 )
 needs_deepspeed = pytest.mark.skipif(
     importlib.util.find_spec("deepspeed") is None or importlib.util.find_spec("megatron.core") is None,
@@ -166,6 +185,50 @@ def test_standalone_layout_example_builds_megatrons_groups_without_megatron():
         assert line == expected, f"rank {rank}"
     # tp (= ep) and dp (= edp): two rank sets, two communicators.
     assert re.search(r"^the bridge on rank 0: 2 groups created$", out, re.M), out
+
+
+# -- examples/pg_collection.py --------------------------------------------------------------
+
+
+@needs_pg_collection
+def test_pg_collection_example_runs_a_gpt_model_over_the_bridges_collection_without_parallel_state():
+    out = _torchrun("pg_collection.py", 4)
+    lines = _rank_lines(out, 4)
+    losses = {}
+    for rank, line in lines.items():
+        match = re.fullmatch(r"(.*) \| loss (\d+\.\d{6})", line)
+        assert match, f"rank {rank}: {line}"
+        expected = (
+            f"tp {_TP[rank]} (rank {_TP[rank].index(rank)}) dp {_DP[rank]} (rank {_DP[rank].index(rank)}) "
+            f"| pgc.tp is the bridge's: True"
+        )
+        assert match.group(1) == expected, f"rank {rank}"
+        losses[rank] = float(match.group(2))
+    # vocab-parallel cross entropy over pgc.tp: one loss per tensor-parallel pair; the
+    # data-parallel replicas saw other tokens
+    assert losses[0] == losses[1] and losses[2] == losses[3], losses
+    assert losses[0] != losses[2] and all(0 < loss < 10 for loss in losses.values()), losses
+    assert re.search(r"^parallel_state initialised: False$", out, re.M), out
+
+
+# -- examples/device_mesh.py -------------------------------------------------------------------
+
+
+def test_device_mesh_example_runs_dtensor_and_fsdp2_over_the_bridges_groups_and_attaches_the_mesh():
+    out = _torchrun("device_mesh.py", 4)
+    assert re.search(r"^mesh \[\[0, 1\], \[2, 3\]\], dims \('dp', 'tp'\)$", out, re.M), out
+    lines = _rank_lines(out, 4)
+    for rank, line in lines.items():
+        dp_rank, tp_rank = _DP[rank].index(rank), _TP[rank].index(rank)
+        rows = [[4.0 * dp_rank, 4.0 * dp_rank + 1], [4.0 * dp_rank + 2, 4.0 * dp_rank + 3]]
+        expected = (
+            f"coordinate ({dp_rank}, {tp_rank}) | mesh['tp'] is the bridge's tp group: True "
+            f"| rows {rows} | gathered over dp: True | tp sum {sum(_TP[rank])} "
+            f"| fsdp2 2 steps equal to one process: True | attach(mesh): device-mesh, the same groups: True"
+        )
+        assert line == expected, f"rank {rank}"
+    # the mesh's dims are the bridge's tp and dp groups; attach(mesh) borrows them
+    assert re.search(r"^groups created on rank 0: attach\(None\) 2, attach\(mesh\) 0$", out, re.M), out
 
 
 # -- examples/plan_session.py ---------------------------------------------------------------

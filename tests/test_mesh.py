@@ -212,6 +212,11 @@ def _attach_error(mesh: Any) -> Dict[str, str]:
     return _error(lambda: mpu_bridge.attach(mesh, agreement_timeout=AGREEMENT_TIMEOUT_S).close())
 
 
+def _getters(bridge: Any) -> List[str]:
+    """The getter names of the MeshMpu the bridge reads."""
+    return sorted(name for name in dir(bridge.reader.mpu) if name.startswith("get_"))
+
+
 def _round_trip(rank: int) -> Dict[str, Any]:
     """A bridge's own mesh attached as an MPU: the same layout and group objects, nothing new."""
     import mpu_bridge
@@ -225,6 +230,8 @@ def _round_trip(rank: int) -> Dict[str, Any]:
             before = _pg_count()
             with mpu_bridge.attach(mesh, agreement_timeout=AGREEMENT_TIMEOUT_S) as second:
                 out[name] = {
+                    "flavour": second.reader.flavour,
+                    "getters": _getters(second),
                     "groups_equal": all(second.layout.group_of(k, rank) == first.layout.group_of(k, rank)
                                         for k in KINDS if first.layout.spec(k).grid == "dense"),
                     "same": {k: second.group(k).group is g for k, g in dense.items()},
@@ -252,6 +259,8 @@ def _megatron_names(rank: int) -> Dict[str, Any]:
         experts = bridge.expert_groups(2)
         out = {
             "sizes": dict(tp=c.tp, pp=c.pp, cp=c.cp, dp=c.dp, ep=c.ep, etp=c.etp, edp=c.edp),
+            "flavour": bridge.reader.flavour,
+            "getters": _getters(bridge),
             "ep_same": experts.expert_parallel.group is mesh.get_group("ep"),
             "edp_same": experts.expert_data_parallel.group is mesh.get_group("dp"),
             "tp_same": bridge.tensor_parallel().group is mesh.get_group("tp"),
@@ -283,6 +292,8 @@ def _torchtitan(rank: int) -> Dict[str, Any]:
         experts = bridge.expert_groups(2)
         return {
             "sizes": dict(tp=c.tp, pp=c.pp, cp=c.cp, dp=c.dp, ep=c.ep),
+            "flavour": bridge.reader.flavour,
+            "getters": _getters(bridge),
             "dp_same": bridge.data_parallel().group is flat["dp"].get_group(),
             "sdp_same": bridge.sequence_data_parallel().group is flat["dp_cp"].get_group(),
             "cp_same": bridge.sequence_parallel().group is mesh.get_group("cp"),
@@ -574,3 +585,46 @@ def test_torchtitan_names_and_flattened_dims(world):
         # every group was the mesh's: expert data parallel (0, 4) is the flattened dp's rank set
         assert obs["created"] == 0
         assert obs["new_groups"] == 0
+
+
+def _mesh_reads(world: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    out = []
+    for obs in world:
+        out += list(obs["round_trip"].values()) + [obs["megatron_names"], obs["torchtitan"]]
+    return out
+
+
+def test_an_attached_mesh_is_read_as_the_device_mesh_flavour(world):
+    assert {read["flavour"] for read in _mesh_reads(world)} == {"device-mesh"}
+
+
+def test_every_getter_of_a_real_mesh_mpu_is_a_candidate_of_its_name_table(world):
+    # the device-mesh flavour has no record in compat/surfaces (compat/README.md): the real
+    # MeshMpu's names, over Megatron's and torchtitan's meshes, are checked here instead
+    from mpu_bridge.mpu import candidate_names
+
+    candidates = {getter.name for _, _, getter in candidate_names("device-mesh")}
+    seen = set()
+    for read in _mesh_reads(world):
+        seen |= set(read["getters"])
+        assert set(read["getters"]) <= candidates, sorted(set(read["getters"]) - candidates)
+    for prefix in ("tensor_model", "pipeline_model", "context", "data", "expert_model", "expert_data"):
+        assert f"get_{prefix}_parallel_group" in seen, prefix
+
+
+def test_the_device_mesh_flavour_is_detected_by_class_and_only_then():
+    from mpu_bridge.mesh import MeshMpu
+    from mpu_bridge.mpu import detect_flavour
+
+    mesh_mpu = MeshMpu.__new__(MeshMpu)  # the class decides; no live mesh needed to detect
+    mesh_mpu.__dict__["_getters"] = {"get_tensor_model_parallel_world_size": lambda: 2}
+    assert detect_flavour(mesh_mpu) == "device-mesh"
+
+    class LooksAlike:  # megatron-core's names, but not a MeshMpu
+        def get_tensor_model_parallel_world_size(self) -> int:
+            return 2
+
+        def get_context_parallel_world_size(self) -> int:
+            return 1
+
+    assert detect_flavour(LooksAlike()) == "megatron-core"

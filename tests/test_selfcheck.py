@@ -1,10 +1,13 @@
 """``mpu-bridge selfcheck``: every group created on real gloo ranks, its membership proved.
 
-Four spawned runs (each starts several Python processes that import torch, so each
-costs seconds): one over the real megatron-core ``parallel_state``, one standalone
-through the installed console script, and two with an injected fault (a wrong
-all-reduce contribution; a rank that dies). Several tests read the same run. Bad
-options and the planner's expectations are checked in-process, with no ranks.
+Five spawned runs (each starts several Python processes that import torch, so each
+costs seconds): one over the real megatron-core ``parallel_state`` with ``--exports``
+(its ``ProcessGroupCollection`` and ``DeviceMesh`` proven too), one standalone full
+layout (``attach(None, tp=2, pp=2, ...)``) with ``--exports``, one standalone through
+the installed console script, and two with an injected fault (a wrong all-reduce
+contribution; a rank that dies). Several tests read the same run. Bad options, the
+planner's expectations and the report's reading of exports are checked in-process,
+with no ranks.
 """
 
 from __future__ import annotations
@@ -20,13 +23,36 @@ import pytest
 
 from mpu_bridge.cli import main
 from mpu_bridge.errors import LayoutError
-from mpu_bridge.selfcheck import SelfCheckConfig, expected_groups, validate
+from mpu_bridge.selfcheck import (
+    GroupCheck,
+    RankResult,
+    SelfCheckConfig,
+    expected_exports,
+    expected_groups,
+    format_report,
+    validate,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 #: Seconds a spawned run may take before the self-check kills its ranks (slow shared machines).
 RUN_TIMEOUT_S = 600
-#: The megatron run of the issue: 4 ranks, tp 2, ep 2, hpZ 2, 2 GPUs per node.
-MEGATRON_ARGS = ["--nproc", "4", "--with-megatron", "--tp", "2", "--ep", "2", "--hpz", "2", "--gpus-per-node", "2"]
+#: The megatron run of the issue: 4 ranks, tp 2, ep 2, hpZ 2, 2 GPUs per node; and the exports.
+MEGATRON_ARGS = [
+    "--nproc", "4", "--with-megatron", "--tp", "2", "--ep", "2", "--hpz", "2", "--gpus-per-node", "2", "--exports",
+]
+#: A standalone full layout (no MPU): 4 ranks, tp 2, pp 2 (dp 1), experts ep 2 with etp 1.
+STANDALONE_ARGS = ["--nproc", "4", "--tp", "2", "--pp", "2", "--ep", "2", "--etp", "1", "--exports"]
+#: The ProcessGroupCollection fields megatron-core 0.16.1 fills that are not None on every
+#: rank here (hcp and inter_dist_opt are: one optimizer instance, no hierarchical CP).
+COLLECTION_FIELDS = [
+    "tp", "pp", "mp", "embd", "pos_embd", "cp", "tp_cp", "ep", "expt_tp", "tp_ep", "tp_ep_pp", "tp_dp_cp",
+    "dp", "dp_cp", "intra_dp_cp", "intra_expt_dp", "expt_dp", "intra_dist_opt",
+]
+EXPORT_ROWS = [
+    *(f"pg_collection.{field}" for field in COLLECTION_FIELDS),
+    *(f"device_mesh.{dim}" for dim in ("pp", "dp", "cp", "tp")),
+    *(f"device_mesh[ep=2].{dim}" for dim in ("pp", "edp", "ep", "etp")),
+]
 
 
 class Run(NamedTuple):
@@ -81,13 +107,13 @@ def megatron_run() -> Run:
 
 def test_megatron_run_passes(megatron_run):
     assert megatron_run.returncode == 0, megatron_run.stdout + megatron_run.stderr
-    assert last_line(megatron_run.stdout).startswith("PASS: 12 group kinds on 4 ranks")
+    assert last_line(megatron_run.stdout).startswith("PASS: 12 group kinds and 26 exported fields/dims on 4 ranks")
     assert "Traceback" not in megatron_run.stderr
 
 
 def test_megatron_run_checks_every_kind_on_every_rank(megatron_run):
     table = group_table(megatron_run.stdout)
-    assert list(table) == [
+    assert list(table)[:12] == [
         "tensor_parallel",
         "pipeline_parallel",
         "data_parallel",
@@ -107,7 +133,7 @@ def test_megatron_run_checks_every_kind_on_every_rank(megatron_run):
 
 def test_megatron_run_reports_sizes_and_group_counts(megatron_run):
     table = group_table(megatron_run.stdout)
-    sizes = {label: (cells[0], cells[1]) for label, cells in table.items()}
+    sizes = {label: (cells[0], cells[1]) for label, cells in list(table.items())[:12]}
     # 4 ranks, tp 2 (dp 2), ep 2 (etp 2, edp 1), hpZ 2, 2 nodes of 2
     assert sizes == {
         "tensor_parallel": ("2", "2"),
@@ -137,6 +163,24 @@ def test_megatron_run_borrows_megatrons_groups_and_creates_none(megatron_run):
     assert "0 groups created" in megatron_run.stdout
 
 
+def test_megatron_run_proves_every_exported_field_and_dim_with_megatrons_own_groups(megatron_run):
+    """--exports: one row per non-None collection field and per mesh dim, all-reduce and
+    broadcast on every rank; every one is megatron-core's own communicator (nothing created)."""
+    table = group_table(megatron_run.stdout)
+    assert list(table)[12:] == EXPORT_ROWS
+    for label in EXPORT_ROWS:
+        assert table[label][2].startswith("borrowed"), (label, table[label])
+        assert table[label][3:] == ["4/4", "4/4", "4/4", "ok"], label
+    # the collection's and the meshes' groups are the bridge's (= megatron-core's) group objects
+    assert table["pg_collection.tp"][2] == "borrowed = tensor_parallel"
+    assert table["pg_collection.dp"][2] == "borrowed = data_parallel"
+    assert table["pg_collection.ep"][2] == "borrowed = expert_parallel[ep=2]"
+    assert table["device_mesh.dp"][2] == "borrowed = data_parallel"
+    assert table["device_mesh[ep=2].ep"][2] == "borrowed = expert_parallel[ep=2]"
+    assert table["pg_collection.tp_ep"][:2] == ["4", "1"]  # etp 2 x ep 2
+    assert re.search(r"^exports\s+\d+\.\d{3}", megatron_run.stdout, re.M)
+
+
 def test_megatron_run_prints_layout_phases_and_backend(megatron_run):
     out = megatron_run.stdout
     assert out.startswith("mpu-bridge selfcheck: 4 ranks (spawned locally), backend gloo, MPU megatron-core")
@@ -144,6 +188,47 @@ def test_megatron_run_prints_layout_phases_and_backend(megatron_run):
     for phase in ("process start", "init_process_group", "megatron import", "megatron init", "attach",
                   "group creation", "collectives", "wall (whole run)"):
         assert re.search(rf"^{re.escape(phase)}\s+\d+\.\d{{3}}", out, re.M), phase
+
+
+# -- a standalone full layout with --exports --------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def standalone_run() -> Run:
+    return _selfcheck_module(*STANDALONE_ARGS)
+
+
+def test_standalone_full_layout_run_passes_with_exports(standalone_run):
+    assert standalone_run.returncode == 0, standalone_run.stdout + standalone_run.stderr
+    assert "MPU standalone (no MPU)" in standalone_run.stdout
+    assert "dense grid   tp 2 × cp 1 × dp 1 × pp 2" in standalone_run.stdout
+    assert last_line(standalone_run.stdout) == (
+        "PASS: 9 group kinds and 26 exported fields/dims on 4 ranks, every check passed"
+    )
+
+
+def test_standalone_full_layout_groups_follow_the_sizes(standalone_run):
+    table = group_table(standalone_run.stdout)
+    assert table["tensor_parallel"][:3] == ["2", "2", "created"]
+    assert table["pipeline_parallel"][:3] == ["2", "2", "created"]
+    assert table["model_parallel"][:3] == ["4", "1", "created"]
+    assert table["expert_parallel[ep=2]"][:3] == ["2", "2", "reused = tensor_parallel"]  # etp 1: ep = tp's ranks
+
+
+def test_standalone_exports_reuse_the_bridges_groups_and_prove_each_one(standalone_run):
+    table = group_table(standalone_run.stdout)
+    assert list(table)[9:] == EXPORT_ROWS
+    for label in EXPORT_ROWS:
+        assert table[label][2].startswith("reused = "), (label, table[label])
+        assert table[label][-1] == "ok", label
+    assert table["pg_collection.pp"][2] == "reused = pipeline_parallel"
+    assert table["device_mesh.tp"][2] == "reused = tensor_parallel"
+    # pp 2: word embeddings on the first and last stage (every rank); position embeddings on
+    # the first stage only: ranks 2 and 3 are in no group, so 2 ranks run its collectives
+    assert table["pg_collection.embd"][:2] == ["2", "2"]
+    assert table["pg_collection.pos_embd"][:2] == ["1", "2"]
+    assert table["pg_collection.pos_embd"][3:] == ["2/2", "2/2", "4/4", "ok"]
+    assert table["pg_collection.tp"][3:] == ["4/4", "4/4", "4/4", "ok"]
 
 
 # -- standalone, through the console script --------------------------------------------
@@ -202,11 +287,25 @@ def test_sizes_that_do_not_fit_the_world_exit_2_with_the_layout_error(capsys):
     )
 
 
-def test_model_parallel_sizes_without_megatron_exit_2(capsys):
-    status = main(["selfcheck", "--nproc", "4", "--tp", "2", "--cp", "2"])
-    err = capsys.readouterr().err
-    assert status == 2
-    assert err.startswith("mpu-bridge: error: tp=2, cp=2 needs --with-megatron")
+def test_standalone_sizes_are_a_full_layout_and_are_validated_like_megatrons():
+    # no MPU needed for model-parallel sizes any more: attach(None, tp=..., cp=...)
+    assert validate(SelfCheckConfig(tp=2, cp=2), 4).size("dp") == 1
+    with pytest.raises(LayoutError, match=re.escape("world size 4 is not divisible by tp·pp·cp = 3")):
+        validate(SelfCheckConfig(tp=3), 4)
+
+
+def test_exports_without_a_collection_class_exit_2_before_any_rank(monkeypatch, capsys):
+    import mpu_bridge.pg_collection as pg_collection
+    from mpu_bridge.optional import MissingDependencyError
+
+    def missing() -> None:
+        raise MissingDependencyError("megatron-core 0.14.0 has no ProcessGroupCollection; first in 0.15.0")
+
+    monkeypatch.setattr(pg_collection, "collection_class", missing)
+    assert main(["selfcheck", "--nproc", "2", "--exports"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == "mpu-bridge: error: megatron-core 0.14.0 has no ProcessGroupCollection; first in 0.15.0\n"
 
 
 @pytest.mark.parametrize(
@@ -261,6 +360,55 @@ def test_expected_groups_follow_the_order_string():
     groups = expected_groups(config, 8, 0)
     assert groups["expert_parallel[ep=2]"] == (0, 4)
     assert groups["expert_data_parallel[ep=2]"] == (0, 2)
+
+
+def test_expected_exports_of_one_rank_written_out():
+    config = SelfCheckConfig(tp=2, pp=2, ep=(2,), etp=1)
+    fields = ("tp", "pp", "embd", "pos_embd", "hcp", "intra_dp_cp", "intra_dist_opt", "tp_ep")
+    # 8 ranks: tp 2, pp 2, dp 2; rank 6 is on the last stage (no position embedding)
+    assert expected_exports(config, 8, 6, fields) == {
+        "pg_collection.tp": (6, 7),
+        "pg_collection.pp": (2, 6),
+        "pg_collection.embd": (2, 6),
+        "pg_collection.pos_embd": (),
+        "pg_collection.intra_dp_cp": (4, 6),
+        "pg_collection.intra_dist_opt": tuple(range(8)),
+        "pg_collection.tp_ep": (6, 7),
+        "device_mesh.pp": (2, 6),
+        "device_mesh.dp": (4, 6),
+        "device_mesh.cp": (6,),
+        "device_mesh.tp": (6, 7),
+        "device_mesh[ep=2].pp": (2, 6),
+        "device_mesh[ep=2].edp": (4, 6),
+        "device_mesh[ep=2].ep": (6, 7),
+        "device_mesh[ep=2].etp": (6,),
+    }
+    with pytest.raises(LayoutError, match="no expectation for ProcessGroupCollection field 'new_field'"):
+        expected_exports(config, 8, 6, ("new_field",))
+
+
+def _export_result(rank: int, check: GroupCheck) -> RankResult:
+    return RankResult(rank=rank, world_size=2, backend="gloo", checks=[check])
+
+
+def test_the_report_fails_an_export_a_rank_misses_and_counts_members_only():
+    member = GroupCheck("pg_collection.pos_embd", (0,), "reused", (0,), True, True, 0, True, 0)
+    outside = GroupCheck("pg_collection.pos_embd", (), "none", (), True, member=False)
+    text, passed = format_report(
+        SelfCheckConfig(tp=2), 2, {0: _export_result(0, member), 1: _export_result(1, outside)}, {}, 1.0,
+        launcher="spawned locally",
+    )
+    assert passed, text
+    assert group_table(text)["pg_collection.pos_embd"] == ["1", "1", "reused", "1/1", "1/1", "2/2", "ok"]
+    assert last_line(text) == "PASS: 0 group kinds and 1 exported fields/dims on 2 ranks, every check passed"
+    wrong = GroupCheck("pg_collection.pos_embd", (), "none", (1,), False, member=False)
+    text, passed = format_report(
+        SelfCheckConfig(tp=2), 2, {0: _export_result(0, member), 1: _export_result(1, wrong)}, {}, 1.0,
+        launcher="spawned locally",
+    )
+    assert not passed
+    assert "pg_collection.pos_embd: rank 1 is in no group, the planner says [1]" in text
+    assert last_line(text) == "FAIL: failed kinds: pg_collection.pos_embd"
 
 
 def test_importing_the_selfcheck_does_not_import_torch():

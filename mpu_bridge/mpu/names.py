@@ -19,6 +19,8 @@ Meaning of the ambiguous legacy names, per flavour (see ``compat/README.md``):
   not used; megatron-core has only ``get_model_parallel_group`` (TP×PP).
 * ``get_sequence_parallel_*`` (Megatron-DeepSpeed, Ulysses) is the ``cp`` dimension;
   ``get_sequence_data_parallel_*`` is ``sdp``.
+* ``device-mesh`` is a PyTorch ``DeviceMesh`` read through ``mpu_bridge.mesh.MeshMpu``
+  (``attach(mesh)``): megatron-core's names for the dims the mesh has, detected by class.
 
 Pure data and name lookups: no torch, nothing from :mod:`mpu_bridge.mpu.reader`.
 """
@@ -26,6 +28,7 @@ Pure data and name lookups: no torch, nothing from :mod:`mpu_bridge.mpu.reader`.
 from __future__ import annotations
 
 import inspect
+import sys
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -78,6 +81,7 @@ FLAVOURS: Tuple[str, ...] = (
     "megatron-deepspeed",
     "deepspeed-pipe-grid",
     "deepspeed-ulysses",
+    "device-mesh",
     "custom",
 )
 
@@ -236,6 +240,14 @@ _FLAVOUR_TABLES: Dict[str, _Table] = {
     "deepspeed-pipe-grid": _PIPE_GRID,
     # DeepSpeed's Ulysses MPU: get_model_parallel_* alias sequence parallelism: not used.
     "deepspeed-ulysses": _merge(_SEQUENCE, _SEQUENCE_DATA),
+    # A DeviceMesh read through mpu_bridge.mesh.MeshMpu: megatron-core's names for the
+    # dims the mesh has (tp, pp, cp, dp and dp with cp; ep, expert data and expert TP when
+    # the mesh names them). It has no combined or pre-0.10 names, and no record in
+    # compat/surfaces (it exists only over a live mesh: see compat/README.md).
+    "device-mesh": _merge(
+        _TP, _PP, _DP, _trio("cp", "get_context_parallel"), _DP_WITH_CP, _EP,
+        _trio("edp", "get_expert_data_parallel"), _ETP,
+    ),
     "custom": _merge(
         _TP,
         _trio("tp", "get_slice_parallel"),
@@ -270,8 +282,9 @@ def _aliases(flavour: str) -> Dict[str, Tuple[Alias, ...]]:
         "mp": (Alias("tp", ("pp", "==", 1)),),
         "tp-dp-cp": (Alias("tp-dp", _CP_EQ_1),),
     }
-    if flavour == "megatron-core":
-        # megatron-core < 0.10 has no expert-tensor parallelism: experts use the TP group.
+    if flavour in ("megatron-core", "device-mesh"):
+        # megatron-core < 0.10 has no expert-tensor parallelism: experts use the TP group;
+        # a mesh without a flattened "etp" dim keeps experts on the TP group too.
         aliases["etp"] = (Alias("tp", ("absent", "get_expert_tensor_parallel_world_size", 0)),)
     return aliases
 
@@ -335,11 +348,22 @@ def check_is_mpu(mpu: Any) -> None:
         raise MpuError(f"{_short(mpu)} has none of the getters an MPU provides; {what}")
 
 
+def _is_mesh_mpu(mpu: Any) -> bool:
+    """Whether ``mpu`` is a :class:`mpu_bridge.mesh.MeshMpu`, without importing torch: a
+    MeshMpu exists only once :mod:`mpu_bridge.mesh` (which imports torch) was imported."""
+    mesh = sys.modules.get("mpu_bridge.mesh")
+    cls = getattr(mesh, "MeshMpu", None)
+    return isinstance(cls, type) and issubclass(type(mpu), cls)  # type(): no __class__ lookup on mpu
+
+
 def detect_flavour(mpu: Any) -> str:
     """Which kind of MPU ``mpu`` is, from the names it has (and its module name).
 
-    Example: ``detect_flavour(megatron.core.parallel_state)`` -> ``"megatron-core"``.
+    Example: ``detect_flavour(megatron.core.parallel_state)`` -> ``"megatron-core"``;
+    ``detect_flavour(MeshMpu(mesh))`` (what ``attach(mesh)`` reads) -> ``"device-mesh"``.
     """
+    if _is_mesh_mpu(mpu):
+        return "device-mesh"
     if _has(mpu, "initialize_sequence_parallel"):
         return "deepspeed-ulysses"
     if _has(mpu, "get_pipe_parallel_world_size") or _has(mpu, "get_slice_parallel_world_size"):

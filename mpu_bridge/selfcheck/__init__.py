@@ -11,6 +11,17 @@ asks it for every group it offers, and then, in each group,
 * compares the group's ranks with the group families of :mod:`mpu_bridge.partitions`
   (the planner's arithmetic).
 
+Without ``--with-megatron`` the sizes (``--tp``, ``--pp``, ``--cp``, ``--ep``,
+``--etp``, ``--order``) are a standalone full layout, ``attach(None, tp=..., ...)``.
+With ``--exports`` it also proves the bridge's exports the same way: every non-None
+field of ``bridge.process_group_collection()`` (megatron-core's
+``ProcessGroupCollection``) and every dim of ``bridge.device_mesh()`` and, for each
+``--ep`` size above 1, of the expert mesh; each is one row of the report
+(``pg_collection.tp``, ``device_mesh.dp``, ``device_mesh[ep=2].ep`` ...), its
+communicator named when it is a group kind's (``reused = tensor_parallel``). A rank
+in no group of a field (``pos_embd`` off the first pipeline stage) runs no
+collective for it; the planner must agree.
+
 One report (rank 0, or the launching process) gives the layout, one row per group
 kind (size, number of groups, communicator created / reused / borrowed from the
 MPU, all-reduce / broadcast / planner results as ``ok ranks / world``), the time of
@@ -47,6 +58,7 @@ The parts, by job:
 Example (the README's main job: 8 local processes over megatron-core)::
 
     mpu-bridge selfcheck --nproc 8 --with-megatron --tp 2 --pp 2 --ep 2 4 --etp 1 --hpz 2 --gpus-per-node 4
+    mpu-bridge selfcheck --nproc 8 --tp 2 --pp 2 --ep 2 --exports     # standalone, exports proven
     torchrun --nproc-per-node 8 -m mpu_bridge.selfcheck --with-megatron --tp 2 --ep 4
 
 Importing this package does not import torch, so the ``mpu-bridge`` command can
@@ -56,7 +68,7 @@ list it without importing torch.
 from __future__ import annotations
 
 from .command import add_arguments, config_from_args, main, run
-from .config import FAULTS, SelfCheckConfig, expected_groups, validate
+from .config import FAULTS, SelfCheckConfig, expected_exports, expected_groups, validate
 from .report import format_report
 from .results import PHASES, GroupCheck, RankResult
 
@@ -68,6 +80,7 @@ __all__ = [
     "SelfCheckConfig",
     "add_arguments",
     "config_from_args",
+    "expected_exports",
     "expected_groups",
     "format_report",
     "main",

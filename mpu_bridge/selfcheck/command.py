@@ -64,7 +64,15 @@ def _add_launch_arguments(parser: argparse.ArgumentParser) -> None:
         "--with-megatron",
         action="store_true",
         help="initialise megatron-core's parallel_state with these sizes and bridge over it "
-        "(default: standalone, no MPU: tp = pp = cp = 1)",
+        "(default: standalone, no MPU: attach(None, tp=..., pp=..., ...) with these sizes)",
+    )
+    launch.add_argument(
+        "--exports",
+        action="store_true",
+        help="also prove the exports on every rank: every non-None field of "
+        "bridge.process_group_collection() and every dim of bridge.device_mesh() (and, for "
+        "each --ep size above 1, of the expert mesh) with the same all-reduce and broadcast "
+        "(needs megatron-core >= 0.15)",
     )
     launch.add_argument("--verbose", "-v", action="store_true", help="log the bridge's decisions on every rank")
     launch.add_argument("--inject-fault", choices=FAULTS, default=None, help=argparse.SUPPRESS)
@@ -135,6 +143,7 @@ def config_from_args(args: argparse.Namespace) -> SelfCheckConfig:
         timeout=args.timeout,
         inject_fault=args.inject_fault,
         verbose=args.verbose,
+        exports=args.exports,
     )
 
 
@@ -153,6 +162,11 @@ def run(args: argparse.Namespace) -> int:
     require("torch", package="torch", needed_for="mpu-bridge selfcheck")  # one line, exit 2: before any rank
     if config.with_megatron:
         require("megatron.core", package="megatron-core", extra="megatron", needed_for="--with-megatron")
+    if config.exports:  # one line, exit 2, before any rank: megatron-core with ProcessGroupCollection
+        require("megatron.core", package="megatron-core", extra="megatron", needed_for="--exports")
+        from ..pg_collection import collection_class
+
+        collection_class()
     if launched():
         return run_launched(config)
     start = time.monotonic()

@@ -17,7 +17,7 @@ from typing import Dict, Optional, Tuple
 
 from .. import partitions
 from ..errors import LayoutError
-from ..kinds import KIND_BY_METHOD
+from ..kinds import KIND_BY_METHOD, KIND_TABLE
 from ..layout import DEFAULT_ORDER, Layout, plan
 from ..validate import positive_int
 
@@ -25,9 +25,13 @@ __all__ = [
     "DEFAULT_NPROC",
     "DEFAULT_TIMEOUT_S",
     "DENSE_METHODS",
+    "EXPERT_MESH_DIMS",
     "FAULTS",
+    "MESH_DIMS",
     "SelfCheckConfig",
+    "expected_exports",
     "expected_groups",
+    "export_label",
     "label",
     "validate",
 ]
@@ -53,6 +57,25 @@ DENSE_METHODS: Tuple[str, ...] = (
 )
 
 
+#: ``--exports``: the dims of the dense ``DeviceMesh`` checked (slowest first) and of the
+#: expert one (one per expert-parallel size above 1), as kind names of :mod:`mpu_bridge.kinds`.
+MESH_DIMS: Tuple[str, ...] = ("pp", "dp", "cp", "tp")
+EXPERT_MESH_DIMS: Tuple[str, ...] = ("pp", "edp", "ep", "etp")
+
+#: ``--exports``: the ``ProcessGroupCollection`` fields with no kind of their own, as
+#: megatron-core fills them with one distributed-optimizer instance and no hierarchical
+#: context parallelism: a kind's field they equal, a family, or None (None on every rank: not checked).
+_FIELD_RULES: Dict[str, Optional[str]] = {
+    "embd": "embedding",
+    "pos_embd": "position_embedding",
+    "intra_dp_cp": "field:dp_cp",
+    "intra_expt_dp": "field:expt_dp",
+    "intra_dist_opt": "world",
+    "hcp": None,
+    "inter_dist_opt": None,
+}
+
+
 def label(name: str, option: str, value: int) -> str:
     """A report label for a family with an option, e.g. ``label("expert_parallel", "ep", 4)``
     -> ``"expert_parallel[ep=4]"``."""
@@ -67,6 +90,10 @@ class SelfCheckConfig:
     ``expert_model_parallel_size`` with ``with_megatron``). ``nproc`` is the number of
     processes to spawn when no launcher started this one (``None``: 8). ``backend`` is
     ``"auto"``, ``"gloo"`` or ``"nccl"``; ``timeout`` bounds the whole run in seconds.
+
+    Without ``with_megatron`` the sizes are a standalone layout (``attach(None, tp=...,
+    ...)``). ``exports`` also checks the bridge's ``ProcessGroupCollection`` and
+    ``DeviceMesh`` exports (``--exports``).
 
     Example: ``SelfCheckConfig(nproc=4, with_megatron=True, tp=2, ep=(2,), hpz=2)``.
     """
@@ -85,6 +112,7 @@ class SelfCheckConfig:
     timeout: float = DEFAULT_TIMEOUT_S
     inject_fault: Optional[str] = None
     verbose: bool = False
+    exports: bool = False
 
     def dense_layout(self, world_size: int, gpus_per_node: Optional[int] = None) -> Layout:
         """The planner's layout of the dense groups (and of ``ep[0]``).
@@ -113,20 +141,6 @@ class SelfCheckConfig:
         return partitions.expert_layout(self.dense_layout(world_size), ep_size, etp=self.etp)
 
 
-def _check_standalone(config: SelfCheckConfig) -> None:
-    """Standalone (no MPU) means tp = pp = cp = etp = 1."""
-    sizes = (("tp", config.tp), ("pp", config.pp), ("cp", config.cp))
-    extra = [f"{name}={value}" for name, value in sizes if value != 1]
-    if config.etp not in (None, 1):
-        extra.append(f"etp={config.etp}")
-    if extra:
-        raise LayoutError(
-            f"{', '.join(extra)} needs --with-megatron: standalone (no MPU) means "
-            "tp = pp = cp = etp = 1 (data parallel is the whole world); add --with-megatron to "
-            "initialise megatron-core with these sizes, or drop them"
-        )
-
-
 def _check_run_options(config: SelfCheckConfig, world_size: int) -> None:
     """The options that are not sizes: the fault to inject and the timeout."""
     if config.inject_fault is not None and config.inject_fault not in FAULTS:
@@ -144,13 +158,13 @@ def validate(config: SelfCheckConfig, world_size: int) -> Layout:
     the numbers and the fix (the command then exits with status 2). Every family is
     built once for rank 0, so what the ranks will ask for is known to fit.
 
+    The sizes need no MPU: without ``with_megatron`` they are a standalone layout.
+
     Example: ``validate(SelfCheckConfig(tp=3, with_megatron=True), 4)`` raises
     ``LayoutError("world size 4 is not divisible by tp·pp·cp = 3 ...")``.
     """
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise LayoutError(f"the number of processes must be a positive integer, got {world_size!r}")
-    if not config.with_megatron:
-        _check_standalone(config)
     if not config.ep:
         raise LayoutError("--ep needs at least one expert-parallel size")
     if config.hpz is not None:
@@ -207,4 +221,63 @@ def expected_groups(config: SelfCheckConfig, world_size: int, rank: int) -> Dict
     out.update(_expert_groups(config, world_size, rank))
     out.update(_optional_groups(config, dense, rank))
     out["world"] = tuple(partitions.world(world_size, rank).own or ())
+    return out
+
+
+def export_label(export: str, name: str, ep_size: Optional[int] = None) -> str:
+    """A report label of an exported group: ``"pg_collection.tp"``, ``"device_mesh.dp"``,
+    ``"device_mesh[ep=2].etp"`` (``export`` is ``"pg_collection"`` or ``"device_mesh"``)."""
+    where = export if ep_size is None else label(export, "ep", ep_size)
+    return f"{where}.{name}"
+
+
+def _own(part: partitions.Partition) -> Tuple[int, ...]:
+    return tuple(sorted(part.own or ()))
+
+
+def _expected_fields(dense: Layout, world_size: int, rank: int, fields: Tuple[str, ...]) -> Dict[str, Tuple[int, ...]]:
+    field_kinds = {k.pg_field: k.name for k in KIND_TABLE if k.pg_field}
+    out: Dict[str, Tuple[int, ...]] = {}
+    for field in fields:
+        rule = _FIELD_RULES.get(field, "unknown") if field not in field_kinds else "kind"
+        if rule == "kind":
+            out[field] = _own(partitions.dense(dense, field_kinds[field], rank))
+        elif rule == "embedding":
+            out[field] = _own(partitions.embedding(dense, rank))
+        elif rule == "position_embedding":
+            out[field] = _own(partitions.position_embedding(dense, rank))
+        elif rule == "world":
+            out[field] = _own(partitions.world(world_size, rank))
+        elif rule is not None and rule.startswith("field:"):
+            out[field] = _own(partitions.dense(dense, field_kinds[rule[len("field:"):]], rank))
+        elif rule == "unknown":
+            raise LayoutError(f"the self-check has no expectation for ProcessGroupCollection field {field!r}")
+    return out
+
+
+def expected_exports(
+    config: SelfCheckConfig, world_size: int, rank: int, fields: Tuple[str, ...]
+) -> Dict[str, Tuple[int, ...]]:
+    """``--exports``: what ``rank``'s group of every checked export holds (ascending; ``()``
+    where it is in none, as ``pos_embd`` off the first pipeline stage).
+
+    ``fields`` are the ``ProcessGroupCollection`` field names (those of
+    :data:`mpu_bridge.pg_collection.FIELDS`, passed in so this stays free of torch);
+    fields megatron-core leaves None on every rank (``hcp``, ``inter_dist_opt``) are
+    left out. Then the dense mesh's :data:`MESH_DIMS` and, for every expert-parallel
+    size above 1, the expert mesh's :data:`EXPERT_MESH_DIMS`.
+
+    Example: ``expected_exports(SelfCheckConfig(tp=2), 4, 3, ("tp", "hcp"))
+    == {"pg_collection.tp": (2, 3), "device_mesh.pp": (3,), ...}``.
+    """
+    dense = config.dense_layout(world_size)
+    fields_expected = _expected_fields(dense, world_size, rank, fields)
+    out = {export_label("pg_collection", f): ranks for f, ranks in fields_expected.items()}
+    for dim in MESH_DIMS:
+        out[export_label("device_mesh", dim)] = _own(partitions.dense(dense, dim, rank))
+    for ep_size in config.ep:
+        if ep_size > 1:
+            experts = config.expert_layout(world_size, ep_size)
+            for dim in EXPERT_MESH_DIMS:
+                out[export_label("device_mesh", dim, ep_size)] = _own(partitions.dense(experts, dim, rank))
     return out

@@ -3,8 +3,11 @@
 :func:`create_groups` asks a :class:`~mpu_bridge.bridge.Bridge` for every group
 the configuration names (the same queries in the same order on every rank) and
 notes whether each communicator was borrowed from the MPU, reused or created;
-:func:`run_collectives` then all-reduces and broadcasts in each. torch is imported
-only inside :func:`run_collectives`.
+with ``--exports``, :func:`create_exports` adds every non-None field of the bridge's
+``ProcessGroupCollection`` and every dim of its dense (and expert) ``DeviceMesh``;
+:func:`run_collectives` then all-reduces and broadcasts in each, exported groups
+included (the same prover for both). torch is imported only inside the functions
+that need it.
 
 Example (on every rank, after ``bridge = attach(parallel_state)``)::
 
@@ -16,10 +19,17 @@ from __future__ import annotations
 
 from typing import Any, Callable, List, Mapping, Optional, Sequence, Set, Tuple
 
-from .config import DENSE_METHODS, SelfCheckConfig, label
+from .config import (
+    DENSE_METHODS,
+    EXPERT_MESH_DIMS,
+    MESH_DIMS,
+    SelfCheckConfig,
+    export_label,
+    label,
+)
 from .results import BORROWED, CREATED, REUSED, GroupCheck
 
-__all__ = ["create_groups", "run_collectives"]
+__all__ = ["create_exports", "create_groups", "export_fields", "run_collectives"]
 
 #: One bridge query: the call, and (label, pick this kind's GroupInfo from the answer) per kind.
 _Request = Tuple[Callable[[], Any], List[Tuple[str, Callable[[Any], Any]]]]
@@ -115,6 +125,102 @@ def create_groups(
     return created
 
 
+def export_fields() -> Tuple[str, ...]:
+    """The ``ProcessGroupCollection`` fields the bridge fills (:data:`mpu_bridge.pg_collection.FIELDS`)."""
+    from ..pg_collection import FIELDS
+
+    return tuple(FIELDS)
+
+
+def _exported_groups(bridge: Any, config: SelfCheckConfig, device_type: str) -> List[Tuple[str, Any]]:
+    """(label, group or None) of every export, in the same order on every rank.
+
+    The collection first, then the dense mesh, then one expert mesh per expert-parallel
+    size above 1 (the bridge's own experts when the size is its own ``ep``).
+    """
+    out: List[Tuple[str, Any]] = []
+    collection = bridge.process_group_collection()
+    for field in export_fields():
+        out.append((export_label("pg_collection", field), getattr(collection, field, None)))
+    mesh = bridge.device_mesh(MESH_DIMS, device_type=device_type)
+    out.extend((export_label("device_mesh", dim), mesh.get_group(axis)) for axis, dim in enumerate(MESH_DIMS))
+    for ep_size in config.ep:
+        if ep_size <= 1:
+            continue
+        own = ep_size == bridge.layout.config.ep
+        experts = bridge.device_mesh(
+            EXPERT_MESH_DIMS, expert=True, ep_size=None if own else ep_size, device_type=device_type
+        )
+        out.extend(
+            (export_label("device_mesh", dim, ep_size), experts.get_group(axis))
+            for axis, dim in enumerate(EXPERT_MESH_DIMS)
+        )
+    return out
+
+
+def _export_status(bridge: Any, group: Any, ranks: Tuple[int, ...], existed: bool) -> str:
+    """``borrowed``: the MPU's own object (registered as borrowed, or handed out by the
+    MPU's getters without the registry); ``reused``: a communicator the bridge held
+    before the exports; ``created``: one the bridge created for them."""
+    registered = bridge.registry.lookup(sorted(ranks)) is group
+    if bridge.registry.is_borrowed(group) or (bridge.reader is not None and not registered):
+        return BORROWED
+    return REUSED if existed else CREATED
+
+
+def create_exports(
+    bridge: Any,
+    config: SelfCheckConfig,
+    planned: Mapping[str, Tuple[int, ...]],
+    earlier: Sequence[Tuple[Any, GroupCheck]],
+    device_type: str,
+) -> List[Tuple[Any, GroupCheck]]:
+    """``--exports``: the bridge's ``ProcessGroupCollection`` and ``DeviceMesh`` groups as checks.
+
+    One check per field / dim that ``planned`` (:func:`~mpu_bridge.selfcheck.config.expected_exports`)
+    names: a field the planner expects None everywhere (``hcp``, ``inter_dist_opt``)
+    is left out unless this rank got a group for it (then it fails). Where this rank
+    is in no group of a field (``pos_embd`` off the first stage) the check is a
+    non-member one (no collective). ``same_as`` names the group kind (or earlier
+    export) whose communicator it is. Returns ``(GroupInfo or None, GroupCheck)`` pairs.
+
+    Example: ``create_exports(bridge, config, expected_exports(...), groups, "cpu")[0][1].label
+    == "pg_collection.tp"``.
+    """
+    import torch.distributed as dist
+
+    from ..state import GroupInfo
+
+    before = {name: bridge.registry.lookup(ranks) for name, ranks in planned.items() if ranks}
+    seen: List[Tuple[Any, GroupCheck]] = list(earlier)
+    out: List[Tuple[Any, GroupCheck]] = []
+    for name, group in _exported_groups(bridge, config, device_type):
+        if name not in planned and group is None:
+            continue  # None on every rank in megatron-core too
+        expected = planned.get(name, ())
+        if group is None:
+            check = GroupCheck(name, (), "none", expected, planner_ok=expected == (), member=False)
+            out.append((None, check))
+            continue
+        ranks = tuple(int(r) for r in dist.get_process_group_ranks(group))
+        info = GroupInfo(name, group, ranks, ranks.index(bridge.rank) if bridge.rank in ranks else -1)
+        same_as = next((c.label for i, c in seen if i is not None and i.group is group), None)
+        existed = same_as is not None or (before.get(name) is not None and before[name] is group)
+        check = GroupCheck(
+            label=name,
+            ranks=ranks,
+            status=_export_status(bridge, group, ranks, existed),
+            planned=expected,
+            planner_ok=name in planned and tuple(sorted(ranks)) == expected and bridge.rank in ranks,
+            same_as=same_as,
+        )
+        if name not in planned:
+            check.error = "megatron-core leaves this field None, but the collection has a group"
+        out.append((info, check))
+        seen.append((info, check))
+    return out
+
+
 def _collect_in(info: Any, check: GroupCheck, contribution: int, rank: int, device: Any) -> None:
     """All-reduce ``contribution`` and broadcast from the source rank in ``info``'s group."""
     import torch
@@ -135,6 +241,8 @@ def run_collectives(
 ) -> None:
     """All-reduce and broadcast in every group, in the same order on every rank.
 
+    ``groups`` may hold non-member checks (``info`` None): they run no collective.
+
     ``fault="wrong-sum"`` makes the last rank add ``world_size`` to its contribution
     in the first kind with several ranks. A collective that raises is recorded in its
     check, the rest are marked skipped, and the exception propagates.
@@ -142,8 +250,10 @@ def run_collectives(
     Example: ``run_collectives(groups, rank, world_size, torch.device("cpu"), None)``.
     """
     # wrong-sum breaks the first kind with several ranks (every rank knows the sizes alike).
-    target = next((i for i, (info, _) in enumerate(groups) if info.world_size > 1), 0)
+    target = next((i for i, (info, _) in enumerate(groups) if info is not None and info.world_size > 1), 0)
     for index, (info, check) in enumerate(groups):
+        if info is None or not check.member:
+            continue  # this rank is in no group of this export: nothing to prove here
         contribution = rank
         if fault == "wrong-sum" and index == target and rank == world_size - 1:
             contribution = rank + world_size

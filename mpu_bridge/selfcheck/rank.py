@@ -28,8 +28,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from ..errors import BridgeError, LayoutError
 from ..layout import DEFAULT_ORDER
-from .config import SelfCheckConfig, expected_groups
-from .probe import create_groups, run_collectives
+from .config import SelfCheckConfig, expected_exports, expected_groups
+from .probe import create_exports, create_groups, export_fields, run_collectives
 from .results import RankResult
 
 __all__ = [
@@ -238,17 +238,28 @@ class _Run:
     def attach(self) -> None:
         from ..bridge import attach
 
-        options: Dict[str, Any] = {"order": self.config.order, "agreement_timeout": self.config.timeout}
-        if self.config.gpus_per_node is not None:
-            options["gpus_per_node"] = self.config.gpus_per_node
+        config = self.config
+        options: Dict[str, Any] = {"order": config.order, "agreement_timeout": config.timeout}
+        if config.gpus_per_node is not None:
+            options["gpus_per_node"] = config.gpus_per_node
+        if not config.with_megatron:  # a full standalone layout: attach(None, tp=..., ...)
+            options.update(tp=config.tp, pp=config.pp, cp=config.cp, ep=config.ep[0])
+            if config.etp is not None:
+                options["etp"] = config.etp
         self.bridge = self.phases.run("attach", lambda: attach(self.parallel_state, **options))
         self.result.strategy = self.bridge.strategy
 
     def probe(self, device: Any, on_groups_created: Optional[Callable[[], None]]) -> None:
-        """Create every group, then prove its members with collectives."""
+        """Create every group (and, with ``exports``, the collection and meshes), then prove
+        its members with collectives."""
         config, bridge = self.config, self.bridge
         planned = expected_groups(config, self.world_size, self.rank)
         groups = self.phases.run("group creation", lambda: create_groups(bridge, config, planned))
+        if config.exports:
+            expected = expected_exports(config, self.world_size, self.rank, export_fields())
+            groups = groups + self.phases.run(
+                "exports", lambda: create_exports(bridge, config, expected, groups, device.type)
+            )
         self.result.checks = [check for _, check in groups]
         self.result.stats = dict(bridge.stats())
         if on_groups_created is not None:

@@ -21,6 +21,9 @@ from .results import PHASES, GroupCheck, RankResult
 
 __all__ = ["format_report", "write"]
 
+#: Label prefixes of the ``--exports`` rows (:func:`~mpu_bridge.selfcheck.config.export_label`).
+EXPORTS: Tuple[str, ...] = ("pg_collection.", "device_mesh.", "device_mesh[")
+
 #: Most problem lines the report lists.
 _MAX_PROBLEMS = 40
 _GROUP_HEADER = ["group kind", "size", "groups", "communicator", "all-reduce", "broadcast", "planner", "result"]
@@ -30,11 +33,14 @@ def _consistency_problems(label: str, checks: Mapping[int, GroupCheck]) -> Tuple
     """The number of distinct groups the ranks report, and where they disagree about membership.
 
     Every rank must be in its own group, and every member of a group must report the
-    same group (the groups of a kind are a partition of the world).
+    same group (the groups of a kind are a partition of the world, or of the ranks in
+    one: a non-member check, as ``pos_embd`` off the first stage, reports no group).
     """
     groups = set()
     problems = []
     for rank, check in sorted(checks.items()):
+        if not check.member:
+            continue
         members = tuple(sorted(check.ranks))
         groups.add(members)
         if rank not in members:
@@ -44,7 +50,7 @@ def _consistency_problems(label: str, checks: Mapping[int, GroupCheck]) -> Tuple
             if other is not None and tuple(sorted(other.ranks)) != members:
                 problems.append(
                     f"{label}: rank {rank} has group {abbreviate_ranks(list(members))}, but its member "
-                    f"{member} has {abbreviate_ranks(sorted(other.ranks))}"
+                    f"{member} has {abbreviate_ranks(sorted(other.ranks)) if other.member else 'none'}"
                 )
                 break
     return len(groups), problems
@@ -57,7 +63,15 @@ def _check_problems(label: str, rank: int, check: GroupCheck, rank_error: Option
         skipped = check.error.startswith("skipped") or check.error == rank_error
         return [] if skipped else [f"{label}: rank {rank}: {check.error}"]
     problems = []
-    if not check.planner_ok:
+    if not check.planner_ok and not check.member:
+        problems.append(
+            f"{label}: rank {rank} is in no group, the planner says {abbreviate_ranks(list(check.planned))}"
+        )
+    elif not check.planner_ok and not check.planned:
+        problems.append(
+            f"{label}: rank {rank} got group {abbreviate_ranks(list(check.ranks))}, the planner says none"
+        )
+    elif not check.planner_ok:
         problems.append(
             f"{label}: rank {rank} got group {abbreviate_ranks(list(check.ranks))}, the planner says "
             f"{abbreviate_ranks(list(check.planned))}"
@@ -76,6 +90,7 @@ def _check_problems(label: str, rank: int, check: GroupCheck, rank_error: Option
 
 def _communicator_text(checks: Sequence[GroupCheck]) -> str:
     """``created`` / ``reused`` / ``borrowed``, with ``= <kind>`` when it is another kind's communicator."""
+    checks = [c for c in checks if c.member] or list(checks)
     statuses = sorted({c.status for c in checks})
     if len(statuses) == 1:
         text = statuses[0]
@@ -95,17 +110,20 @@ class _GroupTable:
 
 
 def _kind_row(label: str, checks: Mapping[int, GroupCheck], world_size: int, count: int, passed: bool) -> List[str]:
+    """One row; the collective columns count the ranks in a group of the kind (all of them,
+    except for an export some ranks are in none of), the planner column every rank."""
     values = list(checks.values())
-    ok = [
-        sum(1 for c in values if getattr(c, name) and c.error is None)
-        for name in ("allreduce_ok", "broadcast_ok", "planner_ok")
-    ]
+    members = [c for c in values if c.member]
+    outside = len(values) - len(members)
+    ok = [sum(1 for c in members if getattr(c, name) and c.error is None) for name in ("allreduce_ok", "broadcast_ok")]
+    planner = sum(1 for c in values if c.planner_ok and c.error is None)
     return [
         label,
-        "/".join(str(size) for size in sorted({c.size for c in values})),
+        "/".join(str(size) for size in sorted({c.size for c in members})) or "-",
         str(count),
         _communicator_text(values),
-        *(f"{n}/{world_size}" for n in ok),
+        *(f"{n}/{world_size - outside}" for n in ok),
+        f"{planner}/{world_size}",
         "ok" if passed else "FAIL",
     ]
 
@@ -212,11 +230,18 @@ def _problem_lines(problems: List[str], results: Mapping[int, RankResult]) -> Li
     return lines
 
 
+def _counted(groups: _GroupTable) -> str:
+    """``12 group kinds``, and with ``--exports`` ``and 24 exported fields/dims``."""
+    exported = sum(1 for row in groups.rows if row[0].startswith(EXPORTS))
+    kinds = len(groups.rows) - exported
+    return f"{kinds} group kinds" + (f" and {exported} exported fields/dims" if exported else "")
+
+
 def _verdict(
     world_size: int, results: Mapping[int, RankResult], missing: Mapping[int, str], groups: _GroupTable, passed: bool
 ) -> str:
     if passed:
-        return f"PASS: {len(groups.rows)} group kinds on {world_size} ranks, every check passed"
+        return f"PASS: {_counted(groups)} on {world_size} ranks, every check passed"
     reasons = []
     if groups.failed_kinds:
         reasons.append("failed kinds: " + ", ".join(groups.failed_kinds))

@@ -23,6 +23,7 @@ PHASES: Tuple[str, ...] = (
     "megatron init",
     "attach",
     "group creation",
+    "exports",
     "collectives",
     "teardown",
 )
@@ -39,7 +40,9 @@ class GroupCheck:
 
     ``status`` is :data:`BORROWED`, :data:`REUSED` or :data:`CREATED`; ``planned``
     the expected members; ``same_as`` an earlier kind whose communicator this one
-    is, on this rank.
+    is, on this rank. ``member`` is False where this rank is in no group of the kind
+    (an exported field such as ``pos_embd`` off the first pipeline stage): then it
+    runs no collective, and passes when the planner also puts it in none.
 
     Example: ``GroupCheck("world", (0, 1), CREATED, (0, 1), True).size == 2``.
     """
@@ -55,6 +58,7 @@ class GroupCheck:
     broadcast_got: Optional[int] = None
     error: Optional[str] = None
     same_as: Optional[str] = None
+    member: bool = True
 
     @property
     def size(self) -> int:
@@ -62,6 +66,8 @@ class GroupCheck:
 
     @property
     def passed(self) -> bool:
+        if not self.member:
+            return bool(self.planner_ok and self.error is None)
         return bool(self.planner_ok and self.allreduce_ok and self.broadcast_ok and self.error is None)
 
 

@@ -42,7 +42,9 @@ Missing = Dict[int, str]
 
 def _preload(config: SelfCheckConfig) -> List[str]:
     """What the fork server imports once for every rank."""
-    return ["torch", "torch.distributed", *(["megatron.core.parallel_state"] if config.with_megatron else [])]
+    megatron = ["megatron.core.parallel_state"] if config.with_megatron else []
+    exports = ["megatron.core.process_groups_config", "torch.distributed.device_mesh"] if config.exports else []
+    return ["torch", "torch.distributed", *megatron, *exports]
 
 
 def _rank_failed(result: RankResult) -> bool:
