@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Tuple
 
 from . import __version__
+from .budget import DEFAULT_COMM_MB, budget
 from .errors import BridgeError
 from .layout import DEFAULT_ORDER, KINDS, Layout, plan
 from .planrows import PlanRow, all_to_all_rows, hpz_row
@@ -139,6 +140,39 @@ def _add_plan_arguments(parser: argparse.ArgumentParser) -> None:
         f"{MAX_LISTED_GROUPS} groups per kind, json at most {MAX_LISTED_MEMBERS} members per "
         f"group and {MAX_LISTED_RANKS} ranks per kind, svg at most 512 cells; what is cut is marked",
     )
+    _add_budget_arguments(parser)
+
+
+def _add_budget_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("communicator budget")
+    group.add_argument(
+        "--budget",
+        action="store_true",
+        help="text/json: also count the process groups megatron-core's initialize_model_parallel "
+        "creates on a rank (by kind; size-1, duplicate and gloo groups included) against the distinct "
+        "rank sets the bridge needs, the new_group calls over the world, and the communicator memory "
+        "per GPU (for --rank, default rank 0)",
+    )
+    group.add_argument(
+        "--comm-mb",
+        type=float,
+        default=DEFAULT_COMM_MB,
+        metavar="MIB",
+        help=f"GPU memory per NCCL communicator in MiB for --budget (default {DEFAULT_COMM_MB}: NCCL "
+        "issue #2363 reports 512 MiB even for a single-rank communicator on recent releases; NCCL #964 "
+        "reports about 0.5-0.7 GB per communicator on A100)",
+    )
+
+
+def _budget(layout: Layout, args: argparse.Namespace) -> Optional[dict]:
+    """The ``--budget`` report, or None without the flag."""
+    if not args.budget:
+        return None
+    if args.format == "svg":
+        raise BridgeError("--budget is shown in text and json output, not svg")
+    if not 0 <= args.comm_mb < float("inf"):
+        raise BridgeError(f"--comm-mb must be a finite number >= 0, got {args.comm_mb:g}")
+    return budget(layout, 0 if args.rank is None else args.rank, comm_mb=args.comm_mb)
 
 
 def _extra_rows(layout: Layout, args: argparse.Namespace) -> Tuple[PlanRow, ...]:
@@ -154,17 +188,18 @@ def _extra_rows(layout: Layout, args: argparse.Namespace) -> Tuple[PlanRow, ...]
 def _render_plan(layout: Layout, args: argparse.Namespace) -> str:
     limit = args.max_groups
     extra = _extra_rows(layout, args)
+    report = _budget(layout, args)
     if args.format == "json":
         max_groups = _JSON_MAX_GROUPS if limit is None else (None if limit == _ALL else limit)
-        return render_json(layout, rank=args.rank, max_groups=max_groups, extra=extra)
+        return render_json(layout, rank=args.rank, max_groups=max_groups, extra=extra, budget=report)
     if args.format == "svg":
         cover = _SVG_COVER_GROUPS if limit is None else (None if limit == _ALL else limit)
         color_by = args.color_by or default_color_kind(layout)
         return render_svg(layout, color_by=color_by, rank=args.rank, max_groups=cover)
     if limit is None:
-        return render_text(layout, rank=args.rank, max_groups=_TEXT_MAX_GROUPS, extra=extra)
+        return render_text(layout, rank=args.rank, max_groups=_TEXT_MAX_GROUPS, extra=extra, budget=report)
     max_groups = None if limit == _ALL else limit
-    return render_text(layout, rank=args.rank, max_groups=max_groups, fit_width=None, extra=extra)
+    return render_text(layout, rank=args.rank, max_groups=max_groups, fit_width=None, extra=extra, budget=report)
 
 
 def _run_plan(args: argparse.Namespace) -> int:

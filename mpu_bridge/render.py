@@ -39,6 +39,7 @@ __all__ = [
     "MAX_LISTED_MEMBERS",
     "MAX_LISTED_RANKS",
     "abbreviate_ranks",
+    "budget_lines",
     "default_color_kind",
     "layout_report",
     "render_json",
@@ -240,6 +241,7 @@ def render_text(
     max_groups: Optional[int] = 4,
     fit_width: Optional[int] = 56,
     extra: Iterable[PlanRow] = (),
+    budget: Optional[Dict[str, Any]] = None,
 ) -> str:
     """The plan as a table: a config header, then one row per group kind.
 
@@ -274,7 +276,42 @@ def render_text(
     if capped:
         lines.extend(["", f"(at most {MAX_LISTED_GROUPS} groups are listed per kind)"])
     lines.extend(rank_lines)
+    if budget is not None:
+        lines.extend(["", *budget_lines(budget)])
     return "\n".join(lines) + "\n"
+
+
+def _gib(mib: float) -> str:
+    return f"{mib / 1024:.1f} GiB"
+
+
+def budget_lines(budget: Dict[str, Any]) -> List[str]:
+    """A :func:`mpu_bridge.budget.budget` report as text: megatron-core's init against the bridge.
+
+    Example: ``budget_lines(budget(plan(16, tp=2, pp=2)))[0]`` starts ``communicator budget``.
+    """
+    rank, m, b = budget["rank"], budget["per_rank"]["megatron"], budget["per_rank"]["bridge"]
+    most, world, mem = budget["max_per_rank"], budget["world"], budget["memory_mib"]
+    calls = world["megatron_new_group"]
+    rows = [
+        [f"groups on rank {rank} (NCCL)", str(m["nccl"]), str(b["rank_sets"])],
+        ["  of which size 1", str(m["size_one"]), str(b["size_one"])],
+        ["  gloo twins (gloo on)", str(m["gloo"]), "0"],
+        ["most NCCL groups on a rank", str(most["megatron_nccl"]), str(most["bridge"])],
+        ["new_group calls, world", str(calls["gloo_on"]), str(world["bridge_new_group"])],
+        ["  with gloo off", str(calls["gloo_off"]), str(world["bridge_new_group"])],
+        ["split_group calls, world", "-", f"{world['bridge_split_group']} ({world['bridge_partitions']} partitions)"],
+        [f"comm memory, rank {rank}", _gib(mem["megatron"]), _gib(mem["bridge"])],
+        ["comm memory, worst rank", _gib(mem["megatron_max"]), _gib(mem["bridge_max"])],
+    ]
+    kinds = ", ".join(
+        f"{kind} {c['nccl']}" + (f"+{c['gloo']}g" if c["gloo"] else "") for kind, c in m["by_kind"].items()
+    )
+    return [
+        f"communicator budget (rank {rank}; {budget['comm_mb']:g} MiB per NCCL communicator, --comm-mb)",
+        *table(["", "megatron-core", "mpu-bridge"], rows, right=(1, 2)),
+        f"megatron-core groups on rank {rank}, by kind (NCCL+gloo): {kinds}",
+    ]
 
 
 # -- JSON ----------------------------------------------------------------------
@@ -383,6 +420,7 @@ def render_json(
     max_members: Optional[int] = MAX_LISTED_MEMBERS,
     max_ranks: Optional[int] = MAX_LISTED_RANKS,
     extra: Iterable[PlanRow] = (),
+    budget: Optional[Dict[str, Any]] = None,
 ) -> str:
     """:func:`layout_report` as JSON text: indented, one line per rank list, ending in a newline.
 
@@ -391,6 +429,8 @@ def render_json(
     report = layout_report(
         layout, rank=rank, max_groups=max_groups, max_members=max_members, max_ranks=max_ranks, extra=extra
     )
+    if budget is not None:
+        report["budget"] = budget
     return _json_text(report) + "\n"
 
 

@@ -570,3 +570,55 @@ def test_importing_the_cli_does_not_import_torch():
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False"
 
+
+
+# -- --budget --------------------------------------------------------------------
+
+BUDGET16 = ("plan", "--world-size", "16", "--tp", "2", "--pp", "2", "--budget")
+
+
+def test_budget_text_compares_megatron_and_the_bridge(capsys):
+    status, out, _ = run(capsys, *BUDGET16, "--comm-mb", "600")
+    assert status == 0
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("communicator budget"))
+    assert "600 MiB per NCCL communicator" in lines[start]
+    rows = {line[:28].strip(): line[28:].split() for line in lines[start + 2 : start + 12]}
+    assert rows["groups on rank 0 (NCCL)"] == ["17", "7"]
+    assert rows["gloo twins (gloo on)"] == ["3", "0"]
+    assert rows["new_group calls, world"] == ["2000", "112"]
+    assert rows["with gloo off"] == ["1808", "112"]
+    assert rows["comm memory, rank 0"] == ["10.0", "GiB", "4.1", "GiB"]
+    assert "by kind (NCCL+gloo): dp-cp 1+1g, dp 1+1g" in out
+
+
+def test_budget_json_matches_the_budget_module(capsys):
+    from mpu_bridge.budget import DEFAULT_COMM_MB, budget
+
+    status, out, _ = run(capsys, *BUDGET16, "--format", "json", "--rank", "9")
+    assert status == 0
+    report = json.loads(out)["budget"]
+    assert report == json.loads(json.dumps(budget(plan(16, tp=2, pp=2), 9)))
+    assert report["comm_mb"] == DEFAULT_COMM_MB
+    assert report["per_rank"]["megatron"]["nccl"] == 16  # last stage: no position-embedding group
+    assert report["world"]["megatron_new_group"] == {"gloo_on": 2000, "gloo_off": 1808}
+
+
+def test_without_budget_there_is_no_budget(capsys):
+    _, out, _ = run(capsys, *BUDGET16[:-1], "--format", "json")
+    assert "budget" not in json.loads(out)
+    _, out, _ = run(capsys, *BUDGET16[:-1])
+    assert "communicator budget" not in out
+
+
+@pytest.mark.parametrize("extra", [("--format", "svg"), ("--comm-mb", "-1"), ("--comm-mb", "inf"), ("--rank", "16")])
+def test_budget_refuses_svg_and_negative_memory(capsys, extra):
+    status, out, err = run(capsys, *BUDGET16, *extra)
+    assert (status, out) == (2, "")
+    assert err.startswith("mpu-bridge: error: ")
+
+
+def test_budget_help_states_the_default_source(capsys):
+    status, out, _ = run(capsys, "plan", "--help")
+    assert status == 0
+    assert "#2363" in out and "#964" in out
