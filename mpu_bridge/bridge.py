@@ -39,8 +39,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, TypeVar, Union
 from . import partitions
 from .bridge_base import BridgeBase
 from .errors import BridgeError, LayoutError
-from .kinds import kind_named
-from .layout import Layout, plan
+from .kinds import Kind, kind_named
+from .layout import Layout
 from .legacy_mpu import LegacyMpu
 from .partitions import Partition
 from .state import (
@@ -110,20 +110,12 @@ class Bridge(BridgeBase):
 
     def _dense(self, kind: str) -> GroupInfo:
         """The MPU's own group of ``kind`` (local), or one from the layout (collective, once)."""
+        spec = kind_named(kind)
         with self._lock:
             state = self._live()
-            if kind in state.borrowed:
-                return state.borrowed[kind]
-            spec = kind_named(kind)
-            method = spec.method or kind
-            if state.reader is not None and kind in ("tp", "pp", "mp"):
+            if state.reader is not None and kind in ("tp", "pp", "mp") and kind not in state.borrowed:
                 logger.info("mpu-bridge: the %s MPU has no %s group; creating it", state.reader.flavour, kind)
-
-            def families(s: State) -> List[Tuple[str, Partition]]:
-                key = f"{method}[{partitions.layout_signature(s.layout)}]"
-                return [(method, partitions.dense(s.layout, spec.name, self.rank, key=key))]
-
-            return self._request(f"dense:{spec.name}", f"{method}()", families, lambda s, infos: infos[0])
+            return self._group(spec, None, f"{spec.method or kind}()")
 
     def world(self) -> GroupInfo:
         """A clone of the world group (DeepSpeed's ``_clone_world_group``); reused if one exists."""
@@ -144,16 +136,22 @@ class Bridge(BridgeBase):
         """
         label = f"group({name!r}{'' if ep_size is None else f', ep_size={ep_size!r}'})"
         with self._lock:
-            state = self._live()
             try:
                 spec = kind_named(name)
+            except KeyError as exc:
+                raise self._refuse(self._live(), label, BridgeError(str(exc.args[0]))) from None
+            return self._group(spec, ep_size, label)
+
+    def _group(self, spec: Kind, ep_size: Optional[int], label: str) -> GroupInfo:
+        """The one request path of :meth:`group` and the dense getters (one answer per kind)."""
+        with self._lock:
+            state = self._live()
+            try:
                 layout = state.layout
                 if spec.grid == "expert" and ep_size is not None:
                     layout = expert_layout_for(state, positive_int("ep_size", ep_size))
                 elif spec.name in state.borrowed:
                     return state.borrowed[spec.name]
-            except KeyError as exc:
-                raise self._refuse(state, label, BridgeError(str(exc.args[0]))) from None
             except BridgeError as exc:
                 raise self._refuse(state, label, exc) from None
             display = spec.method or spec.name
@@ -221,17 +219,6 @@ class Bridge(BridgeBase):
             mpu_own = mpu_embedding_groups(state, self.rank)
             if mpu_own is not None:
                 return mpu_own
-            if state.layout.config.pp > 1:
-                # Position-embedding groups are one rank each but only on first stages, so they
-                # are registered there only: first give every rank its one-rank group (covering),
-                # so that every later one-rank request finds the same answer on every rank.
-                self._request(
-                    "one-rank", "embedding_groups()",
-                    lambda s: [("one_rank", partitions.dense(plan(self.world_size, tp=1), "tp", self.rank,
-                                                             key=f"one_rank[{self.world_size}]"))],
-                    lambda s, infos: infos[0],
-                )
-
             def families(s: State) -> List[Tuple[str, Partition]]:
                 sig = partitions.layout_signature(s.layout)
                 return [
@@ -279,8 +266,11 @@ class Bridge(BridgeBase):
             if before is None:
                 before = puts_data_before_expert(state)
 
+            planned: List[Layout] = []  # the expert layout, computed once by families()
+
             def families(s: State) -> List[Tuple[str, Partition]]:
                 layout = expert_layout(s, size, before, etp_on)
+                planned.append(layout)
                 sig = partitions.layout_signature(layout)
                 return [
                     ("expert_parallel", partitions.dense(layout, "ep", self.rank, key=f"expert_parallel[{sig}]")),
@@ -289,9 +279,8 @@ class Bridge(BridgeBase):
                 ]
 
             def finish(s: State, infos: List[GroupInfo]) -> ExpertGroups:
-                layout = expert_layout(s, size, before, etp_on)
                 ep_info, edp_info = (prefer_mpu_group(s, k, i) for k, i in zip(("ep", "edp"), infos))
-                return ExpertGroups(name, size, ep_info, edp_info, layout, bool(before), etp_on)
+                return ExpertGroups(name, size, ep_info, edp_info, planned[0], bool(before), etp_on)
 
             return self._request(f"experts:{name}", label, families, finish)
 

@@ -275,7 +275,7 @@ def budget(
     def m_totals(groups: Dict[str, Tuple[int, int]]) -> Tuple[int, int]:
         return sum(a for a, _ in groups.values()), sum(b for _, b in groups.values())
 
-    nccl, gloo = m_totals(mine)
+    nccl, _ = m_totals(mine)
     sets = bridge_rank_sets(layout, rank)
     classes = _stage_classes(layout)
     m_max = max(m_totals(megatron_rank_groups(layout, r, **opts))[0] for r, _ in classes)
@@ -286,20 +286,7 @@ def budget(
     return {
         "rank": rank,
         "comm_mb": comm_mb,
-        "per_rank": {
-            "megatron": {
-                "by_kind": {k: {"nccl": a, "gloo": b} for k, (a, b) in mine.items() if a or b},
-                "nccl": nccl,
-                "gloo": gloo,
-                "total": nccl + gloo,
-                "size_one": _megatron_size_one(layout, rank, mine, opts),
-            },
-            "bridge": {
-                "rank_sets": len(sets),
-                "size_one": sum(1 for v in sets if len(v) == 1),
-                "fields": {f: (None if v is None else len(v)) for f, v in bridge_fields(layout, rank).items()},
-            },
-        },
+        "per_rank": _per_rank(layout, rank, mine, sets, opts),
         "max_per_rank": {"megatron_nccl": m_max, "bridge": b_max},
         "world": {
             "megatron_new_group": {
@@ -315,6 +302,28 @@ def budget(
             "bridge": len(sets) * comm_mb,
             "megatron_max": m_max * comm_mb,
             "bridge_max": b_max * comm_mb,
+        },
+    }
+
+
+def _per_rank(
+    layout: Layout, rank: int, mine: Dict[str, Tuple[int, int]], sets: Any, opts: Dict[str, Any]
+) -> Dict[str, Any]:
+    """The ``per_rank`` part of :func:`budget`: megatron-core's groups by kind, the bridge's rank sets."""
+    nccl = sum(a for a, _ in mine.values())
+    gloo = sum(b for _, b in mine.values())
+    return {
+        "megatron": {
+            "by_kind": {k: {"nccl": a, "gloo": b} for k, (a, b) in mine.items() if a or b},
+            "nccl": nccl,
+            "gloo": gloo,
+            "total": nccl + gloo,
+            "size_one": _megatron_size_one(layout, rank, mine, opts),
+        },
+        "bridge": {
+            "rank_sets": len(sets),
+            "size_one": sum(1 for v in sets if len(v) == 1),
+            "fields": {f: (None if v is None else len(v)) for f, v in bridge_fields(layout, rank).items()},
         },
     }
 

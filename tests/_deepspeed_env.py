@@ -25,7 +25,8 @@ from __future__ import annotations
 import importlib
 import logging
 import os
-from typing import Any, Dict, Mapping
+import traceback
+from typing import Any, Callable, Dict, List, Mapping, Sequence, Tuple
 
 __all__ = ["DEEPSPEED_RANK_ENV", "start_deepspeed", "zero_config"]
 
@@ -82,3 +83,25 @@ def zero_config(
         "wall_clock_breakdown": False,
     }
 
+
+
+def run_parts(parts: Sequence[Tuple[str, Callable[..., Dict[str, Any]]]], *args: Any) -> Dict[str, Dict[str, Any]]:
+    """Run each ``(name, part)`` as ``part(*args)`` in order; a part that raises is reported
+    as ``{"error": traceback}`` instead of ending the world, so the others still run."""
+    reports: Dict[str, Dict[str, Any]] = {}
+    for name, run in parts:
+        try:
+            reports[name] = run(*args)
+        except Exception:
+            reports[name] = {"error": traceback.format_exc()}
+    return reports
+
+
+def part_reports(world: List[Dict[str, Any]], part: str) -> List[Dict[str, Any]]:
+    """Every rank's report of ``part``; fails the test with the traceback if the part raised."""
+    import pytest
+
+    for rank, report in enumerate(world):
+        if "error" in report[part]:
+            pytest.fail(f"the {part} part raised on rank {rank}:\n{report[part]['error']}", pytrace=False)
+    return [report[part] for report in world]

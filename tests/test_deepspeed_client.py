@@ -26,13 +26,12 @@ from __future__ import annotations
 
 import importlib.util
 import sys
-import traceback
 import types
 from typing import Any, Dict, List, Tuple
 
 import pytest
 
-from _deepspeed_env import DEEPSPEED_RANK_ENV, start_deepspeed, zero_config
+from _deepspeed_env import DEEPSPEED_RANK_ENV, part_reports, run_parts, start_deepspeed, zero_config
 from _multiproc import run_ranks
 
 import mpu_bridge
@@ -382,11 +381,8 @@ def _world(rank: int, world_size: int) -> Dict[str, Dict[str, Any]]:
             "deepspeed_world_size": ds_comm.get_world_size(),
         }
     }
-    for part, run in (("dense", _dense_part), ("moe", _moe_part), ("standalone", _standalone_part)):
-        try:
-            reports[part] = run(deepspeed, rank, world_size)
-        except Exception:
-            reports[part] = {"error": traceback.format_exc()}
+    parts = (("dense", _dense_part), ("moe", _moe_part), ("standalone", _standalone_part))
+    reports.update(run_parts(parts, deepspeed, rank, world_size))
     return reports
 
 
@@ -400,27 +396,19 @@ def world() -> List[Dict[str, Any]]:
     return run_ranks(_world, WORLD_SIZE, timeout=WORLD_TIMEOUT_S, env=DEEPSPEED_RANK_ENV)
 
 
-def _part_reports(world: List[Dict[str, Any]], part: str) -> List[Dict[str, Any]]:
-    """Every rank's report of ``part``; fails the test with the traceback if the part raised."""
-    for rank, report in enumerate(world):
-        if "error" in report[part]:
-            pytest.fail(f"the {part} part raised on rank {rank}:\n{report[part]['error']}", pytrace=False)
-    return [report[part] for report in world]
-
-
 @pytest.fixture(scope="module")
 def dense_reports(world: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
-    return _part_reports(world, "dense")
+    return part_reports(world, "dense")
 
 
 @pytest.fixture(scope="module")
 def moe_reports(world: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
-    return _part_reports(world, "moe")
+    return part_reports(world, "moe")
 
 
 @pytest.fixture(scope="module")
 def standalone_reports(world: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
-    return _part_reports(world, "standalone")
+    return part_reports(world, "standalone")
 
 
 def _assert_matches_reference(reports: List[Dict[str, Any]], case: str, clip: float) -> None:

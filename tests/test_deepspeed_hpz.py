@@ -30,13 +30,12 @@ from __future__ import annotations
 
 import importlib.util
 import sys
-import traceback
 import types
 from typing import Any, Dict, List, Tuple
 
 import pytest
 
-from _deepspeed_env import DEEPSPEED_RANK_ENV, start_deepspeed
+from _deepspeed_env import DEEPSPEED_RANK_ENV, part_reports, run_parts, start_deepspeed
 from _multiproc import run_ranks
 
 import mpu_bridge
@@ -312,18 +311,12 @@ def _deepspeed_alone_part(deepspeed: Any, rank: int, world_size: int) -> Dict[st
 
 def _world(rank: int, world_size: int) -> Dict[str, Dict[str, Any]]:
     deepspeed = start_deepspeed()
-    reports: Dict[str, Dict[str, Any]] = {}
     parts = (
         ("bridge", _bridge_part),
         ("smaller_than_dp", _smaller_than_data_parallel_part),
         ("deepspeed_alone", _deepspeed_alone_part),
     )
-    for part, run in parts:
-        try:
-            reports[part] = run(deepspeed, rank, world_size)
-        except Exception:
-            reports[part] = {"error": traceback.format_exc()}
-    return reports
+    return run_parts(parts, deepspeed, rank, world_size)
 
 
 # ---------------------------------------------------------------------------
@@ -336,26 +329,19 @@ def world() -> List[Dict[str, Any]]:
     return run_ranks(_world, WORLD_SIZE, timeout=WORLD_TIMEOUT_S, env=DEEPSPEED_RANK_ENV)
 
 
-def _part_reports(world: List[Dict[str, Any]], part: str) -> List[Dict[str, Any]]:
-    for rank, report in enumerate(world):
-        if "error" in report[part]:
-            pytest.fail(f"the {part} part raised on rank {rank}:\n{report[part]['error']}", pytrace=False)
-    return [report[part] for report in world]
-
-
 @pytest.fixture(scope="module")
 def bridge_reports(world: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
-    return _part_reports(world, "bridge")
+    return part_reports(world, "bridge")
 
 
 @pytest.fixture(scope="module")
 def smaller_reports(world: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
-    return _part_reports(world, "smaller_than_dp")
+    return part_reports(world, "smaller_than_dp")
 
 
 @pytest.fixture(scope="module")
 def alone_reports(world: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
-    return _part_reports(world, "deepspeed_alone")
+    return part_reports(world, "deepspeed_alone")
 
 
 # ---------------------------------------------------------------------------
