@@ -28,6 +28,13 @@ raises, so each rank's next round -- including a rank that skipped the failed on
 -- starts at round 1 of the new epoch. Once the ranks are back in step (a barrier,
 then identical calls) they agree again.
 
+Grouped facts: a value that only the members of one group must share (how many
+process groups each member holds before creating it, say) is published as
+``(group id, value)``; the first member to publish a pair also counts it in the
+round's ``distinct`` counter for that name, so after the round every rank reads how
+many distinct pairs there were: the number of groups exactly when the members of
+every group reported the same value. Two more store operations per name per rank.
+
 Store layout (all under ``mpu_bridge/agree/``): ``epoch``; ``rounds/<epoch>/<rank>``;
 the keys of round ``n`` live under ``<epoch>.<n>/``.
 
@@ -134,10 +141,16 @@ class Agreement:
     _prefix: str = field(repr=False)
     _timeout: float = field(repr=False)
     _table: Optional[Table] = field(default=None, repr=False)
+    distinct: Mapping[str, int] = field(default_factory=dict)
 
     def is_unanimous(self, name: str) -> bool:
         """Whether every rank reported the same value of fact ``name`` (True for unknown facts)."""
         return self.unanimous.get(name, True)
+
+    def distinct_pairs(self, name: str) -> int:
+        """How many distinct ``(group id, value)`` pairs the ranks published for grouped
+        fact ``name``: the number of groups exactly when each group's members agree."""
+        return self.distinct[name]
 
     @property
     def all_unanimous(self) -> bool:
@@ -268,6 +281,7 @@ def agree(
     facts: Optional[Mapping[str, str]] = None,
     timeout: float = 60.0,
     namespace: str = NAMESPACE,
+    grouped: Optional[Mapping[str, Optional[Tuple[str, str]]]] = None,
 ) -> Agreement:
     """Agree with every other rank on ``digest`` within ``timeout`` seconds; collective.
 
@@ -275,15 +289,18 @@ def agree(
     message groups the ranks by ``summary``), and :class:`GroupCreationError` on every
     rank that arrived when some rank did not arrive in time (naming the missing ranks).
     ``facts`` (short strings) are compared too, but a disagreement there is reported
-    in the result, not raised. Example::
+    in the result, not raised. ``grouped`` maps a name to this rank's ``(group id,
+    value)`` or None (a rank in no group); every rank passes the same names, and at
+    least one rank a pair for each (see the module docstring). Example::
 
-        agree(store, rank=0, world_size=4, digest=d, summary="ep[ep=2]", facts={"names": "3"})
+        agree(store, rank=0, world_size=4, digest=d, summary="ep[ep=2]", facts={"seq": "3"},
+              grouped={"held/0": ("0", "5")}).distinct_pairs("held/0")
     """
     if world_size < 1 or not 0 <= rank < world_size:
         raise GroupCreationError(f"rank {rank} is outside a world of {world_size} ranks")
     timeout = seconds("agreement_timeout", timeout, GroupCreationError)
     try:
-        return _agree(store, rank, world_size, digest, summary, facts, timeout, namespace)
+        return _agree(store, rank, world_size, digest, summary, facts, timeout, namespace, grouped or {})
     except RuntimeError as exc:  # the store itself failed (DistError and friends)
         raise GroupCreationError(
             f"rank {rank}: the default store failed while the ranks agreed on a group plan: "
@@ -303,6 +320,7 @@ class _Seat:
     missed: bool  # this rank had not seen the failure that began this epoch
     digest: str
     facts: Mapping[str, str]
+    grouped: Mapping[str, Optional[Tuple[str, str]]]
 
     @property
     def prefix(self) -> str:
@@ -314,7 +332,7 @@ class _Seat:
 
 
 def _join(store: Any, namespace: str, rank: int, world_size: int, digest: str, summary: str,
-          facts: Mapping[str, str]) -> Tuple[_Seat, int]:
+          facts: Mapping[str, str], grouped: Mapping[str, Optional[Tuple[str, str]]]) -> Tuple[_Seat, int]:
     """Take this rank's seat in its next round and publish its plan; returns (seat, arrivals).
 
     The record goes first (so "record absent" means "never arrived"), then the counters,
@@ -326,11 +344,16 @@ def _join(store: Any, namespace: str, rank: int, world_size: int, digest: str, s
     if missed:
         store.set(f"{namespace}/seen/{rank}", str(epoch))
     round_ = int(store.add(f"{namespace}/rounds/{epoch}/{rank}", 1))
-    seat = _Seat(namespace, rank, world_size, epoch, round_, missed, digest, facts)
+    seat = _Seat(namespace, rank, world_size, epoch, round_, missed, digest, facts, grouped)
     store.set(f"{seat.prefix}/r/{rank}", json.dumps({"d": digest, "s": summary[:_MAX_SUMMARY], "f": facts}))
     store.add(f"{seat.prefix}/d/{_value_key(digest)}", 1)
     for name, value in facts.items():
         store.add(f"{seat.prefix}/f/{name}/{_value_key(value)}", 1)
+    for name, pair in grouped.items():
+        if pair is not None:
+            group_id, value = pair
+            if int(store.add(f"{seat.prefix}/g/{name}/{_value_key(group_id)}/{_value_key(value)}", 1)) == 1:
+                store.add(f"{seat.prefix}/gd/{name}", 1)
     return seat, int(store.add(f"{seat.prefix}/arrived", 1))
 
 
@@ -355,11 +378,12 @@ def _conclude(store: Any, seat: _Seat, outcome_text: str, timeout: float) -> Agr
     prefix, world_size = seat.prefix, seat.world_size
     # Every counter is final once the round is ok; this rank created its own keys: read
     # them all in one round trip where the store can.
-    names = list(seat.facts)
+    names, grouped = list(seat.facts), list(seat.grouped)
     counts = _counters(
         store,
         [f"{prefix}/d/{_value_key(seat.digest)}"]
-        + [f"{prefix}/f/{name}/{_value_key(seat.facts[name])}" for name in names],
+        + [f"{prefix}/f/{name}/{_value_key(seat.facts[name])}" for name in names]
+        + [f"{prefix}/gd/{name}" for name in grouped],
     )
     agreement = Agreement(
         round=seat.round,
@@ -371,6 +395,7 @@ def _conclude(store: Any, seat: _Seat, outcome_text: str, timeout: float) -> Agr
         _store=store,
         _prefix=prefix,
         _timeout=timeout,
+        distinct=dict(zip(grouped, counts[1 + len(names):])),
     )
     if counts[0] != world_size:
         table = agreement.collect()
@@ -409,10 +434,12 @@ def _agree(
     facts: Optional[Mapping[str, str]],
     timeout: float,
     namespace: str,
+    grouped: Mapping[str, Optional[Tuple[str, str]]],
 ) -> Agreement:
     deadline = time.monotonic() + timeout
     clean = {str(k): str(v) for k, v in (facts or {}).items()}
-    seat, arrived = _join(store, namespace, rank, world_size, digest, summary, clean)
+    pairs = {str(k): None if v is None else (str(v[0]), str(v[1])) for k, v in grouped.items()}
+    seat, arrived = _join(store, namespace, rank, world_size, digest, summary, clean, pairs)
     agreement = _conclude(store, seat, _settle(store, seat, arrived, deadline), timeout)
     logger.debug("mpu-bridge: rank %d agreed on round %s (%s)", rank, seat.label, summary[:120])
     return agreement

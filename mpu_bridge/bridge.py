@@ -87,7 +87,7 @@ class Bridge(BridgeBase):
         return self._dense("mp")
 
     def data_parallel(self) -> GroupInfo:
-        """Data-parallel group; without an MPU, a clone of the world group (collective)."""
+        """Data-parallel group; without an MPU and sizes, the whole world: the default group (collective)."""
         return self._dense("dp")
 
     def sequence_parallel(self) -> GroupInfo:
@@ -118,7 +118,10 @@ class Bridge(BridgeBase):
             return self._group(spec, None, f"{spec.method or kind}()")
 
     def world(self) -> GroupInfo:
-        """A clone of the world group (DeepSpeed's ``_clone_world_group``); reused if one exists."""
+        """The whole world's group, for DeepSpeed's ``_clone_world_group``: the default group
+        itself (one communicator per rank set), unless the bridge has its own backend or
+        ``pg_options`` (then one group is created, once). DeepSpeed clones the world only
+        because old PyTorch's ``get_global_rank`` refused ``WORLD``."""
         return self._request(
             "world", "world()",
             lambda s: [("world", partitions.world(self.world_size, self.rank))],

@@ -11,8 +11,9 @@ Two ways to hold a full Megatron group set are compared:
   ``ProcessGroupCollection`` field (:data:`mpu_bridge.pg_collection.FIELDS`, the
   ``pg_field`` column of :mod:`mpu_bridge.kinds` plus ``embd``, ``pos_embd``,
   ``intra_dp_cp`` = ``dp_cp``, ``intra_expt_dp`` = ``expt_dp``, ``intra_dist_opt`` = the
-  world; ``hcp`` and ``inter_dist_opt`` None), created member-only (one ``new_group``
-  per needed rank set per rank) or with one ``split_group`` per partition.
+  default group, which holds the world already; ``hcp`` and ``inter_dist_opt`` None),
+  created member-only (one ``new_group`` per needed rank set per rank) or with one
+  ``split_group`` per partition.
 
 megatron-core's groups, in the order ``initialize_model_parallel`` creates them
 (``create_group`` -> ``torch.distributed.new_group``), are listed in :data:`MEGATRON_KINDS`.
@@ -29,7 +30,7 @@ Example::
     >>> from mpu_bridge.layout import plan
     >>> b = budget(plan(16, tp=2, pp=2))
     >>> b["per_rank"]["megatron"]["nccl"], b["per_rank"]["bridge"]["rank_sets"]
-    (17, 7)
+    (17, 6)
 """
 
 from __future__ import annotations
@@ -188,7 +189,8 @@ def megatron_world_calls(
 
 
 def bridge_fields(layout: Layout, rank: int) -> Dict[str, Optional[GroupView]]:
-    """``ProcessGroupCollection`` field -> ``rank``'s group there as a view (None: no group).
+    """``ProcessGroupCollection`` field -> ``rank``'s group there as a view (None: no
+    group, or -- ``intra_dist_opt`` -- the default group, which the bridge does not create).
 
     Example: ``bridge_fields(plan(8, pp=4), 2)["embd"] is None``.
     """
@@ -205,15 +207,17 @@ def bridge_fields(layout: Layout, rank: int) -> Dict[str, Optional[GroupView]]:
     fields["intra_dp_cp"] = fields["dp_cp"]
     fields["intra_expt_dp"] = fields["expt_dp"]
     fields["inter_dist_opt"] = None
-    fields["intra_dist_opt"] = GroupView(0, ((layout.world_size, 1),))
+    fields["intra_dist_opt"] = None  # the default group
     return fields
 
 
 def bridge_rank_sets(layout: Layout, rank: int) -> List[GroupView]:
-    """The distinct rank sets among ``rank``'s groups of every field, in field order."""
+    """The distinct rank sets among ``rank``'s groups of every field, in field order: the
+    groups the bridge creates. The whole world's rank set is not among them: the default
+    group holds it (``intra_dist_opt``, and any field as large as the world)."""
     seen: List[GroupView] = []
     for view in bridge_fields(layout, rank).values():
-        if view is not None and view not in seen:
+        if view is not None and len(view) < layout.world_size and view not in seen:
             seen.append(view)
     return seen
 
@@ -235,7 +239,8 @@ def _partitions(layout: Layout) -> int:
     translates of one pattern is unique), embd / pos_embd by their stage sets."""
     covering: List[GroupView] = []
     for field, view in bridge_fields(layout, 0).items():
-        if view is not None and field not in ("embd", "pos_embd") and view not in covering:
+        if view is not None and field not in ("embd", "pos_embd") and len(view) < layout.world_size \
+                and view not in covering:
             covering.append(view)
     pp = layout.config.pp
     if pp == 1:  # embd and pos_embd: every rank alone
@@ -243,7 +248,8 @@ def _partitions(layout: Layout) -> int:
         return len(covering) + (0 if one in covering else 1)
     pp_view = layout.group_view_of("pp", 0)
     count = len(covering)
-    count += 0 if pp == 2 and pp_view in covering else 1  # embd == pp when pp == 2
+    held = pp_view in covering or len(pp_view) == layout.world_size  # or the default group
+    count += 0 if pp == 2 and held else 1  # embd == pp when pp == 2
     count += 0 if GroupView(0) in covering else 1  # pos_embd: first stages alone, held if size 1 is
     return count
 

@@ -382,7 +382,8 @@ def all_to_all(world_size: int, gpus_per_node: int, rank: int) -> List[Partition
 
 
 def world(world_size: int, rank: int) -> Partition:
-    """The whole world as one group (DeepSpeed's ``_clone_world_group``).
+    """The whole world as one group (DeepSpeed's ``_clone_world_group``; the registry
+    answers it with the default group).
 
     Example: ``world(4, 2).own == (0, 1, 2, 3)``.
     """

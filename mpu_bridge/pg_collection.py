@@ -21,7 +21,9 @@ Where each field comes from:
   families (None on ranks outside, as in megatron-core); and, as megatron-core does
   with one distributed-optimizer instance and no hierarchical context parallelism:
   ``hcp`` None, ``intra_dp_cp`` = ``dp_cp``, ``intra_expt_dp`` = ``expt_dp``,
-  ``inter_dist_opt`` None, ``intra_dist_opt`` the whole world (:meth:`Bridge.world`).
+  ``inter_dist_opt`` None, ``intra_dist_opt`` the whole world, :meth:`Bridge.world`: the
+  default group, which already holds that rank set (megatron-core creates a second
+  world group for it).
 
 Groups are created (lazily, one communicator per rank set, agreed across ranks)
 only by the bridge and its registry, never here. Collective the first time, like
@@ -203,7 +205,8 @@ def collection_groups(bridge: "Bridge") -> Dict[str, Any]:
         elif field in ("hcp", "inter_dist_opt"):
             out[field] = None  # megatron-core: no hierarchical CP, one optimizer instance
         elif field == "intra_dist_opt":
-            out[field] = bridge.world().group  # one optimizer instance: the whole world
+            # one optimizer instance: the whole world (the default group, without listing it)
+            out[field] = dist.group.WORLD if bridge.registry.serves_world() else bridge.world().group
     if "embd" not in out or "pos_embd" not in out:
         # last: these leave ranks out, so every covering rank set is registered before them
         embd, pos = _embedding_groups(bridge)

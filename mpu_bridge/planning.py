@@ -9,7 +9,7 @@ values every rank sees alike. No torch, no store: testable without processes.
 
 Example::
 
-    >>> decide_strategy("local_new_group", all_covering=True, same_group_count=True, fresh_names=True)
+    >>> decide_strategy("local_new_group", equal_counts=True, fresh_names=True)
     ('local_new_group', None)
 """
 
@@ -21,17 +21,24 @@ from typing import AbstractSet, List, Optional, Sequence, Tuple
 
 from .partitions import Partition
 
-__all__ = ["STRATEGIES", "digest", "reuse_votes", "merge_votes", "decide_strategy"]
+__all__ = [
+    "STRATEGIES", "digest", "reuse_votes", "merge_votes", "held_counts", "safe_without_check", "decide_strategy",
+]
 
 #: The creation strategies a registry can use (``"auto"`` picks one of them).
 STRATEGIES = ("split_group", "local_new_group", "new_group")
 
 #: Why a member-only batch falls back to the all-ranks loop, by cause.
 FALLBACK_REASONS = {
-    "cover": "a partition does not cover the world",
     "count": (
-        "ranks hold different numbers of process groups (e.g. megatron-core's embedding groups "
-        "with pp > 1), so PyTorch would name the same group differently on its members"
+        "the members of some group hold different numbers of process groups (e.g. after "
+        "megatron-core's embedding groups with pp > 1), so PyTorch would name that group "
+        "differently on its members"
+    ),
+    "unchecked": (
+        "without the cross-rank plan check (verify_plan=False, or the 'fake' backend) the registry "
+        "cannot see how many process groups each rank holds, and groups that left ranks out "
+        "(embedding groups) were created before, or this batch orders such families unsafely"
     ),
     "mixed": (
         "some ranks already hold a communicator for their group of a partition (made by a family "
@@ -63,9 +70,12 @@ def digest(
     return hashlib.sha1(text.encode("utf-8")).hexdigest(), summary
 
 
-def reuse_votes(parts: Sequence[Partition], registered: AbstractSet[Tuple[int, ...]]) -> List[str]:
+def reuse_votes(
+    parts: Sequence[Partition], registered: AbstractSet[Tuple[int, ...]], world_held: int = 0
+) -> List[str]:
     """Per partition: ``"1"`` if this rank's group is registered (or asked for earlier in
-    the batch), ``"0"`` if not, ``"-"`` if the rank is in none of its groups.
+    the batch, or is the whole world of ``world_held`` ranks, which the default group
+    holds; 0: it does not serve), ``"0"`` if not, ``"-"`` if the rank is in none of its groups.
 
     Why this is the same on every rank (so every rank creates exactly one group per
     created partition, in the same order): a covering partition of translates of an
@@ -83,6 +93,9 @@ def reuse_votes(parts: Sequence[Partition], registered: AbstractSet[Tuple[int, .
     for p in parts:
         if p.own is None:
             votes.append("-")
+            continue
+        if world_held and p.group_size == world_held:
+            votes.append("1")
             continue
         own = tuple(p.own)
         votes.append("1" if own in seen else "0")
@@ -110,26 +123,63 @@ def merge_votes(
     return reuse
 
 
+def held_counts(votes: Sequence[str], held: int) -> List[int]:
+    """How many process groups this rank will hold when it creates its group of each
+    partition of a batch, member-only and in order: ``held`` plus one for every earlier
+    partition it creates a group for (vote ``"0"``, see :func:`reuse_votes`).
+
+    PyTorch names a member-only group after its ranks and that number, so the members
+    of a group must see the same one. Example: ``held_counts(["0", "-", "0"], 5) == [5, 6, 6]``.
+    """
+    out = []
+    for vote in votes:
+        out.append(held)
+        held += vote == "0"
+    return out
+
+
+def safe_without_check(parts: Sequence[Partition], world_size: int) -> bool:
+    """Whether member-only creation of ``parts`` keeps every group's members at equal
+    group counts *by construction*, for when no rank can see the others' counts.
+
+    Assumes every rank holds the same number of groups before the batch. A partition
+    that covers the world adds one group on every rank; one that leaves ranks out adds
+    one only on its members. So: every covering partition before the first that leaves
+    ranks out, and after that only groups of one rank (a group of one cannot disagree
+    with itself). Example: ``[tp, dp, embedding (groups of 2), position embedding
+    (groups of 1)]`` is safe; ``[embedding, tp]`` is not.
+    """
+    partial = False
+    for p in parts:
+        if not p.covers(world_size):
+            if partial and p.group_size > 1:
+                return False
+            partial = True
+        elif partial and p.group_size > 1:
+            return False
+    return True
+
+
 def decide_strategy(
-    chosen: str, *, all_covering: bool, same_group_count: bool, fresh_names: bool, mixed: bool = False
+    chosen: str, *, equal_counts: bool, checked: bool = True, fresh_names: bool = True, mixed: bool = False
 ) -> Tuple[str, Optional[str]]:
     """``(strategy, fallback reason)`` for a batch: the registry's ``chosen`` strategy,
     or ``new_group`` when member-only creation would be unsafe (see
     :data:`FALLBACK_REASONS`), and for every strategy when some partition's votes are
-    ``mixed`` (see :func:`merge_votes`). Inputs are unanimous facts, so every rank
+    ``mixed`` (see :func:`merge_votes`). ``equal_counts``: the members of every group
+    to create hold equal numbers of groups (measured in the agreement when ``checked``,
+    else :func:`safe_without_check`). Inputs are unanimous facts, so every rank
     decides alike.
 
-    Example: ``decide_strategy("local_new_group", all_covering=False, ...)`` is
-    ``("new_group", "a partition does not cover the world")``.
+    Example: ``decide_strategy("local_new_group", equal_counts=False)`` is
+    ``("new_group", FALLBACK_REASONS["count"])``.
     """
     if mixed:
         return "new_group", FALLBACK_REASONS["mixed"]
     if chosen != "local_new_group":
         return chosen, None
-    if not all_covering:
-        return "new_group", FALLBACK_REASONS["cover"]
-    if not same_group_count:
-        return "new_group", FALLBACK_REASONS["count"]
+    if not equal_counts:
+        return "new_group", FALLBACK_REASONS["count" if checked else "unchecked"]
     if not fresh_names:
         return "new_group", FALLBACK_REASONS["stale"]
     return chosen, None

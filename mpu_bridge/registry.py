@@ -26,9 +26,15 @@ of groups when it creates the group, and (b) a name must never repeat: after
 ``destroy_process_group`` the count drops, the same ranks hash to the same name
 again, and the new group's rendezvous reads the dead group's addresses from the
 store. The registry therefore uses member-only creation for a batch only when the
-round shows that all ranks hold the same number of groups and none of the names
-about to be used was used before in this store, and only for partitions that
-cover the world; otherwise that batch falls back to ``new_group`` (logged once).
+round shows that the members of every group to create will hold the same number
+of groups (a grouped fact, :func:`mpu_bridge.agreement.agree`: O(1) store
+operations per rank and partition) and none of the names about to be used was used
+before in this store; otherwise that batch falls back to ``new_group`` (logged
+once). Ranks may hold different numbers of groups -- after embedding groups, which
+leave ranks out -- as long as each group's members agree. Without the round
+(``verify_plan=False``, the ``fake`` backend) the registry cannot measure that, and
+falls back once it has created a family that leaves ranks out
+(:func:`mpu_bridge.planning.safe_without_check`).
 
 Timeouts: the agreement round is bounded by ``agreement_timeout``; creating a
 group after it is bounded by the process-group ``timeout`` (a rank that dies
@@ -173,6 +179,8 @@ class GroupRegistry:
         self._closed = False
         self._warned: set = set()
         self._strategies: Dict[str, strategies.Strategy] = {}
+        # Set once a group that leaves ranks out is created: the ranks' group counts differ.
+        self._uneven = False
         self.created = self.borrowed = self.reused = self.agreements = self.fallbacks = 0
         logger.info(
             "mpu-bridge: creating process groups with strategy %s (requested %s, backend %s, plan check %s)",
@@ -267,12 +275,21 @@ class GroupRegistry:
         with self._lock:
             return any(g is group for g in self._borrowed_groups)
 
+    def serves_world(self) -> bool:
+        """Whether the default group is this registry's group for the whole world's rank
+        set: its backend and options are the default group's (one communicator per rank set)."""
+        return self.backend == self.default_backend and self.pg_options is None
+
     def lookup(self, ranks: Sequence[int]) -> Optional[Any]:
-        """The registered group for ``ranks`` (this registry's backend and options), or None."""
+        """The registered group for ``ranks`` (this registry's backend and options), or None.
+        The whole world's rank set, unless borrowed, is the default group where
+        :meth:`serves_world`."""
         with self._lock:
             if self._closed:
                 return None
             entry = self._entries.get(self._key([int(r) for r in ranks]))
+            if entry is None and len(ranks) == self.world_size and self.serves_world():
+                return _torch.default_group()  # an MPU's own world-sized group comes first
             return None if entry is None else entry.group
 
     def ensure(self, partitions: Sequence[Partition], *, label: str = "") -> List[Optional[Any]]:
@@ -314,6 +331,7 @@ class GroupRegistry:
                     self.reused += 1
                     results.append(None if p.own is None else self.lookup(p.own))
                 elif reused is None:  # mixed: enter every group, keep what this rank holds
+                    self._uneven = True  # the holders keep one group, the others gain one
                     results.append(self._create_keeping(p))
                 else:
                     results.append(self._create(p, strategy))
@@ -386,48 +404,52 @@ class GroupRegistry:
     def _registered(self) -> set:
         return {k[0] for k in self._entries if k[1:] == (self.backend, self._options_key)}
 
-    def _local_facts(self, parts: Sequence[Partition], votes: List[str]) -> Dict[str, str]:
-        """Facts every rank must share for the decision to be safe (see the module docstring)."""
+    def _local_facts(
+        self, parts: Sequence[Partition], votes: List[str]
+    ) -> Tuple[Dict[str, str], Dict[str, Optional[Tuple[str, str]]]]:
+        """Facts every rank must share, and grouped facts each group's members must share,
+        for the decision to be safe (see the module docstring)."""
         facts: Dict[str, str] = {"reuse": "".join(votes)}
+        grouped: Dict[str, Optional[Tuple[str, str]]] = {}
         if self.strategy != "split_group":
             facts["seq"] = str(_torch.group_counter())
-        if self.strategy == "local_new_group" and all(p.covers(self.world_size) for p in parts):
-            held = _torch.groups_held()
-            facts["names"] = str(held)
+        if self.strategy == "local_new_group":
+            counts = planning.held_counts(votes, _torch.groups_held())
             names = []
-            for p, v in zip(parts, votes):
-                if v == "0":
+            for i, (p, vote, held) in enumerate(zip(parts, votes, counts)):
+                grouped[f"held/{i}"] = None if p.own is None else (str(p.own[0]), str(held))
+                if vote == "0":
                     names.append(_torch.hashed_group_name(p.own, held))  # type: ignore[arg-type]
-                    held += 1
             stale = any(self._store.check([f"{_USED_NAME_PREFIX}/{n}"]) for n in names)
             facts["fresh"] = "0" if stale else "1"
-        return facts
+        return facts, grouped
 
     def _plan_batch(self, parts: Sequence[Partition], label: str) -> Tuple[List[Optional[bool]], str]:
         """Agree on the batch and decide, identically on every rank, what to reuse and how to create."""
-        votes = planning.reuse_votes(parts, self._registered())
-        all_covering = all(p.covers(self.world_size) for p in parts)
+        votes = planning.reuse_votes(parts, self._registered(), self.world_size if self.serves_world() else 0)
         if not self.verify_plan:
-            strategy, reason = planning.decide_strategy(
-                self.strategy, all_covering=all_covering, same_group_count=True, fresh_names=True
-            )
+            equal = not self._uneven and planning.safe_without_check(parts, self.world_size)
+            strategy, reason = planning.decide_strategy(self.strategy, equal_counts=equal, checked=False)
             return [v == "1" for v in votes], self._note_fallback(strategy, reason)
-        facts = self._local_facts(parts, votes)
+        facts, grouped = self._local_facts(parts, votes)
         digest, summary = planning.digest(
             parts, label, backend=self.backend, strategy=self.requested_strategy, options=self.pg_options
         )
         self.agreements += 1
         result = agree(self._store, rank=self.rank, world_size=self.world_size, digest=digest,
-                       summary=summary, facts=facts, timeout=self.agreement_timeout)
+                       summary=summary, facts=facts, timeout=self.agreement_timeout, grouped=grouped)
         reuse: List[Optional[bool]]
         if result.is_unanimous("reuse"):
             reuse = [v == "1" for v in votes]
         else:
             reuse = planning.merge_votes(parts, result.collect().facts.get("reuse", ()))
+        equal = all(
+            reused is not False or result.distinct_pairs(name) == p.num_groups
+            for p, reused, name in zip(parts, reuse, grouped)
+        )
         strategy, reason = planning.decide_strategy(
             self.strategy,
-            all_covering=all_covering,
-            same_group_count=result.is_unanimous("names"),
+            equal_counts=equal,
             fresh_names=result.is_unanimous("fresh") and facts.get("fresh", "1") == "1",
             mixed=any(r is None for r in reuse),
         )
@@ -484,6 +506,8 @@ class GroupRegistry:
                 f"{abbrev(p.own) if p.own else '(none on this rank)'} with {strategy} failed: {exc} "
                 f"(creation is bounded by the process-group timeout, {self.timeout})"
             ) from exc
+        if not p.covers(self.world_size):
+            self._uneven = True
         if group is None or p.own is None:
             return None
         if strategy == "local_new_group" and self._store is not None and self.rank == p.own[0]:

@@ -158,6 +158,32 @@ def test_a_differing_fact_is_reported_on_every_rank_without_raising():
     assert [r.is_unanimous("names") for r in results] == [False, False, False]
 
 
+def grouped_round(pairs: Dict[int, Any]) -> List[Any]:
+    """One round where rank r publishes grouped fact "held" as ``pairs[r]``."""
+    store, world = dist.HashStore(), len(pairs)
+    return run_threads(
+        world,
+        lambda rank: agree(store, rank=rank, world_size=world, digest="A", summary="A", timeout=10,
+                           grouped={"held": pairs[rank]}),
+    )
+
+
+def test_a_grouped_fact_counts_one_pair_per_group_when_each_groups_members_agree():
+    # groups [0, 1] and [2, 3]; the groups differ from each other, their members do not
+    pairs = {0: ("0", "5"), 1: ("0", "5"), 2: ("2", "6"), 3: ("2", "6")}
+    assert [r.distinct_pairs("held") for r in grouped_round(pairs)] == [2, 2, 2, 2]
+
+
+def test_a_grouped_fact_counts_more_pairs_than_groups_when_a_groups_members_differ():
+    pairs = {0: ("0", "5"), 1: ("0", "6"), 2: ("2", "6"), 3: ("2", "6")}
+    assert [r.distinct_pairs("held") for r in grouped_round(pairs)] == [3, 3, 3, 3]
+
+
+def test_ranks_in_no_group_publish_no_pair_of_a_grouped_fact():
+    pairs = {0: ("0", "5"), 1: ("0", "5"), 2: None, 3: None}
+    assert [r.distinct_pairs("held") for r in grouped_round(pairs)] == [1, 1, 1, 1]
+
+
 def test_collect_groups_the_ranks_by_fact_value_identically_on_every_rank():
     store = dist.HashStore()
     facts = {0: {"reuse": "1-"}, 1: {"reuse": "1-"}, 2: {"reuse": "-0"}}

@@ -237,14 +237,15 @@ def test_a_standalone_bridge_has_no_mpu_and_creates_member_only_groups_on_gloo(w
     assert _each(world, "main", "strategy") == ["local_new_group"] * 4
 
 
-def test_data_parallel_is_a_clone_of_the_world(world):
+def test_data_parallel_over_the_whole_world_is_the_default_group(world):
     for rank, dp in enumerate(_each(world, "main", "dp")):
         assert dp["ranks"] == dp["torch_ranks"] == (0, 1, 2, 3)
         assert dp["rank"] == rank and dp["src_rank"] == 0
         assert dp["sum"] == 6
         assert not dp["borrowed"]
-    assert _each(world, "main", "dp_is_world_object") == [False] * 4
-    assert _each(world, "main", "dp_created") == [(1, 1)] * 4
+    # one communicator per rank set: the default group holds the world's already
+    assert _each(world, "main", "dp_is_world_object") == [True] * 4
+    assert _each(world, "main", "dp_created") == [(0, 0)] * 4
 
 
 @pytest.mark.parametrize("query", ["tensor_parallel", "pipeline_parallel", "sequence_parallel", "model_parallel"])
@@ -421,9 +422,9 @@ def test_an_unknown_expert_group_name_lists_the_created_ones(world):
 
 def test_close_destroys_every_group_the_bridge_created(world):
     for closing in _each(world, "closing"):
-        # the data-parallel clone, the size-1 group of tp/pp/cp/mp, EP [0, 1] and EDP [0, 2]
-        assert closing["destroyed"] == closing["live_before"] == 4
-        assert not closing["dp_group_alive"]
+        # the size-1 group of tp/pp/cp/mp, EP [0, 1] and EDP [0, 2]; dp is the default group
+        assert closing["destroyed"] == closing["live_before"] == 3
+        assert closing["dp_group_alive"]
         assert closing["world_sum"] == 6
         assert closing["close_again"]["type"] == "none"
 
@@ -528,6 +529,7 @@ def test_a_full_standalone_layouts_groups_reduce_over_their_members(full_layout)
 
 
 def test_a_full_standalone_layout_creates_one_communicator_per_rank_set(full_layout):
-    # rank sets: {tp = mp = ep}, {dp = edp}, {world}: three communicators on every rank.
+    # rank sets: {tp = mp = ep}, {dp = edp}: two communicators on every rank; the world's
+    # (tp-dp) is the default group.
     assert all(o["same_object_for_equal_rank_sets"] for o in full_layout)
-    assert [o["created"] for o in full_layout] == [3, 3, 3, 3]
+    assert [o["created"] for o in full_layout] == [2, 2, 2, 2]

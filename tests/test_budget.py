@@ -132,7 +132,7 @@ def _distinct_sets(layout: Any, rank: int) -> int:
         sets.add(tuple(sorted({pp[0], pp[-1]})))
     if rank == pp[0]:
         sets.add((rank,))
-    sets.add(tuple(range(layout.world_size)))
+    sets.discard(tuple(range(layout.world_size)))  # the default group holds the world
     return len(sets)
 
 
@@ -152,11 +152,11 @@ def test_budget_example_numbers() -> None:
     b = budget(plan(16, tp=2, pp=2), comm_mb=600)
     assert b["per_rank"]["megatron"]["nccl"] == 17
     assert b["per_rank"]["megatron"]["gloo"] == 3
-    assert b["per_rank"]["bridge"]["rank_sets"] == 7
+    assert b["per_rank"]["bridge"]["rank_sets"] == 6
     assert b["world"]["megatron_new_group"] == {"gloo_on": 2000, "gloo_off": 1808}
-    assert b["world"]["bridge_new_group"] == 112
+    assert b["world"]["bridge_new_group"] == 96
     assert b["memory_mib"]["megatron"] == 17 * 600
-    assert b["memory_mib"]["bridge"] == 7 * 600
+    assert b["memory_mib"]["bridge"] == 6 * 600
 
 
 def test_budget_is_bounded_at_huge_worlds() -> None:

@@ -584,11 +584,11 @@ def test_budget_text_compares_megatron_and_the_bridge(capsys):
     start = next(i for i, line in enumerate(lines) if line.startswith("communicator budget"))
     assert "600 MiB per NCCL communicator" in lines[start]
     rows = {line[:28].strip(): line[28:].split() for line in lines[start + 2 : start + 12]}
-    assert rows["groups on rank 0 (NCCL)"] == ["17", "7"]
+    assert rows["groups on rank 0 (NCCL)"] == ["17", "6"]
     assert rows["gloo twins (gloo on)"] == ["3", "0"]
-    assert rows["new_group calls, world"] == ["2000", "112"]
-    assert rows["with gloo off"] == ["1808", "112"]
-    assert rows["comm memory, rank 0"] == ["10.0", "GiB", "4.1", "GiB"]
+    assert rows["new_group calls, world"] == ["2000", "96"]
+    assert rows["with gloo off"] == ["1808", "96"]
+    assert rows["comm memory, rank 0"] == ["10.0", "GiB", "3.5", "GiB"]
     assert "by kind (NCCL+gloo): dp-cp 1+1g, dp 1+1g" in out
 
 

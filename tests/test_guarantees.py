@@ -436,7 +436,8 @@ def _death_world(rank: int, world: int, where: str) -> Dict[str, Any]:
 
     import mpu_bridge
 
-    bridge = mpu_bridge.attach(agreement_timeout=T, timeout=datetime.timedelta(seconds=T))
+    # tp 2: groups [0, 1] and [2, 3] (the whole world would be the default group: nothing to create)
+    bridge = mpu_bridge.attach(None, tp=2, agreement_timeout=T, timeout=datetime.timedelta(seconds=T))
     _align(f"death/{where}")
     if rank == 3 and where == "agreement":
         os._exit(DEATH_EXIT)
@@ -448,7 +449,7 @@ def _death_world(rank: int, world: int, where: str) -> Dict[str, Any]:
             return real(*args, **kwargs)
 
         dist.new_group = dying_new_group  # type: ignore[assignment]
-    return _timed(lambda: bridge.world())
+    return _timed(lambda: bridge.tensor_parallel().ranks)
 
 
 def _run_dying(where: str) -> Tuple[Dict[int, Any], Dict[int, Any]]:
@@ -461,14 +462,18 @@ def _run_dying(where: str) -> Tuple[Dict[int, Any], Dict[int, Any]]:
 def test_a_rank_that_dies_gives_the_others_an_error_bounded_by_the_timeouts(where):
     results, exits = _run_dying(where)
     assert exits == {3: DEATH_EXIT}
-    for rank in (0, 1, 2):
+    # agreement: every rank waits for rank 3, bounded by agreement_timeout; creation: its
+    # group's other member, rank 2, bounded by the process-group timeout (ranks 0 and 1
+    # create [0, 1] member-only and never wait for rank 3).
+    failing = (0, 1, 2) if where == "agreement" else (2,)
+    for rank in failing:
         assert results[rank]["error"] == "GroupCreationError", results[rank]
-        # agreement: bounded by agreement_timeout; creation: by the process-group timeout.
         assert results[rank]["seconds"] < T + SLACK
     if where == "agreement":
-        assert all("ranks [3] of 4 never arrived" in results[r]["message"] for r in (0, 1, 2))
+        assert all("ranks [3] of 4 never arrived" in results[r]["message"] for r in failing)
     else:
-        assert all("process-group timeout" in results[r]["message"] for r in (0, 1, 2))
+        assert "process-group timeout" in results[2]["message"]
+        assert [results[r].get("value") for r in (0, 1)] == [(0, 1), (0, 1)]
 
 
 # ---------------------------------------------------------------------------------------

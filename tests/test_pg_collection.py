@@ -256,6 +256,24 @@ def test_standalone_equals_megatron_field_by_field(world: List[Dict[str, Any]], 
         assert got["standalone_distinct_groups"] == got["standalone_distinct_rank_sets"], f"rank {rank}"
 
 
+def _fresh_standalone(rank: int, world_size: int) -> Dict[str, Any]:
+    """The standalone collection of tp 2, pp 4 in a fresh world (nothing created before)."""
+    bridge = _standalone(LAYOUTS["tp2_pp4"])
+    fields = _fields(bridge.process_group_collection())
+    sets = {tuple(sorted(_describe(g))) for g in fields.values() if g is not None}
+    return {"stats": bridge.stats(), "rank_sets": len(sets)}
+
+
+def test_standalone_collection_creates_member_only_without_falling_back() -> None:
+    # pp 4: embedding groups leave the middle stages out, but the members of each group
+    # hold equal numbers of groups, so no batch needs the all-ranks loop; the world is the
+    # default group. (After megatron-core's init, whose embedding groups stay alive on some
+    # ranks, the batches whose groups straddle those ranks fall back, as they must.)
+    for rank, got in enumerate(run_ranks(_fresh_standalone, WORLD_SIZE, timeout=240)):
+        assert got["stats"]["fallbacks"] == 0, (rank, got["stats"])
+        assert got["stats"]["created"] == got["rank_sets"] - 1, (rank, got)
+
+
 def test_standalone_embedding_groups_follow_pipeline_stages(world: List[Dict[str, Any]]) -> None:
     pp4 = [obs["layouts"]["tp2_pp4"]["standalone"] for obs in world]
     assert [s["embd"] for s in pp4] == [(0, 6), (1, 7), None, None, None, None, (0, 6), (1, 7)]

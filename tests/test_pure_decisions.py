@@ -49,24 +49,23 @@ def test_votes_where_some_ranks_hold_their_group_and_others_not_are_mixed():
 
 
 def test_a_mixed_partition_is_created_by_every_rank_entering_every_group():
-    strategy, why = planning.decide_strategy(
-        "local_new_group", all_covering=True, same_group_count=True, fresh_names=True, mixed=True
-    )
+    strategy, why = planning.decide_strategy("local_new_group", equal_counts=True, mixed=True)
     assert strategy == "new_group" and "holders keep the communicator they have" in why
 
 
 def test_member_only_creation_is_kept_when_it_is_safe():
-    assert planning.decide_strategy(
-        "local_new_group", all_covering=True, same_group_count=True, fresh_names=True
-    ) == ("local_new_group", None)
+    assert planning.decide_strategy("local_new_group", equal_counts=True, fresh_names=True) == (
+        "local_new_group",
+        None,
+    )
 
 
 @pytest.mark.parametrize(
     "facts, reason",
     [
-        (dict(all_covering=False, same_group_count=True, fresh_names=True), "does not cover the world"),
-        (dict(all_covering=True, same_group_count=False, fresh_names=True), "different numbers of process groups"),
-        (dict(all_covering=True, same_group_count=True, fresh_names=False), "destroyed earlier"),
+        (dict(equal_counts=False), "members of some group hold different numbers of process groups"),
+        (dict(equal_counts=False, checked=False), "without the cross-rank plan check"),
+        (dict(equal_counts=True, fresh_names=False), "destroyed earlier"),
     ],
 )
 def test_member_only_creation_falls_back_to_new_group_and_says_why(facts, reason):
@@ -76,10 +75,26 @@ def test_member_only_creation_falls_back_to_new_group_and_says_why(facts, reason
 
 @pytest.mark.parametrize("chosen", ["split_group", "new_group"])
 def test_other_strategies_never_fall_back(chosen):
-    assert planning.decide_strategy(chosen, all_covering=False, same_group_count=False, fresh_names=False) == (
-        chosen,
-        None,
-    )
+    assert planning.decide_strategy(chosen, equal_counts=False, checked=False, fresh_names=False) == (chosen, None)
+
+
+def test_each_created_group_adds_one_to_the_count_the_next_one_is_named_with():
+    assert planning.held_counts(["0", "-", "1", "0", "0"], 5) == [5, 6, 6, 6, 7]
+
+
+def test_without_the_check_covering_families_then_one_that_leaves_ranks_out_are_safe():
+    layout = plan(8, tp=2, pp=4)
+    parts = [partitions.dense(layout, k, 0) for k in ("tp", "dp", "pp")]
+    embd, pos = partitions.embedding(layout, 0), partitions.position_embedding(layout, 0)
+    assert not embd.covers(8) and embd.group_size == 2 and pos.group_size == 1
+    assert planning.safe_without_check(parts + [embd, pos], 8)
+
+
+def test_without_the_check_a_family_after_one_that_left_ranks_out_is_unsafe():
+    layout = plan(8, tp=2, pp=4)
+    embd, pp = partitions.embedding(layout, 0), partitions.dense(layout, "pp", 0)
+    assert not planning.safe_without_check([embd, pp], 8)
+    assert not planning.safe_without_check([embd, embd], 8)
 
 
 # -- order inference --------------------------------------------------------------------------

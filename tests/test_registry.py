@@ -90,9 +90,10 @@ def _creation_world(rank: int, world: int) -> Dict[str, Any]:
 
     # Thread-safety: four threads ask for the same new partition at once.
     found: List[Any] = []
-    whole = _whole_world(rank, world)
+    # every rank alone: tp and dp hold the pairs already, the default group the world
+    cross = Partition("alone", 1, world, (rank,), lambda: [[r] for r in range(world)])
     threads = [
-        threading.Thread(target=lambda: found.append(registry.ensure([whole])[0])) for _ in range(4)
+        threading.Thread(target=lambda: found.append(registry.ensure([cross])[0])) for _ in range(4)
     ]
     for t in threads:
         t.start()
@@ -139,9 +140,10 @@ def _creation_world(rank: int, world: int) -> Dict[str, Any]:
     # numbers of groups: member-only creation would name groups differently on members.
     dist.new_group([0, 1])
     obs["held_counts_differ_here"] = len(c10d._world.pg_names)
+    created = third.created
     (whole3,) = third.ensure([_whole_world(rank, world, key="world-again")])
-    obs["uneven_strategy"] = third.last_strategy
-    obs["uneven_sum"] = _sum_of_ranks(whole3)
+    obs["world_is_default_group"] = (whole3 is c10d._get_default_group(), third.created - created)
+    obs["world_sum"] = _sum_of_ranks(whole3)
 
     third.close()
     obs["borrowed_alive_after_close"] = mpu_dp in c10d._world.pg_map
@@ -154,6 +156,17 @@ def _creation_world(rank: int, world: int) -> Dict[str, Any]:
     obs["forced_new_group_calls"] = c10d._world.group_count - before
     obs["forced_new_group_sum"] = _sum_of_ranks(tp4)
     fourth.close()
+
+    # Ranks 0 and 1 still hold one group more than ranks 2 and 3 (the group above).
+    # tp's groups [0, 1] and [2, 3] each sit on one side: their members agree, so
+    # member-only creation is safe; dp's groups [0, 2] and [1, 3] straddle the sides.
+    dist.new_group(list(range(world)))  # one more group everywhere: names not used before
+    fifth = GroupRegistry(agreement_timeout=30)
+    (tp5,) = fifth.ensure([tp])
+    obs["uneven_tp"] = (fifth.last_strategy, _sum_of_ranks(tp5))
+    (dp5,) = fifth.ensure([dp])
+    obs["uneven_dp"] = (fifth.last_strategy, _sum_of_ranks(dp5))
+    fifth.close()
     return obs
 
 
@@ -293,7 +306,7 @@ def test_concurrent_ensure_from_threads_creates_one_group(creation):
 
 
 def test_the_group_threads_share_works(creation):
-    assert [o["threads_sum"] for o in creation] == [6, 6, 6, 6]
+    assert [o["threads_sum"] for o in creation] == [0, 1, 2, 3]
 
 
 def test_ranks_outside_a_partial_partition_get_none(creation):
@@ -301,8 +314,8 @@ def test_ranks_outside_a_partial_partition_get_none(creation):
     assert [o["pair_sum"] for o in creation] == [1, 1, None, None]
 
 
-def test_a_partition_that_does_not_cover_the_world_uses_the_all_ranks_loop(creation):
-    assert [o["pair_strategy"] for o in creation] == ["new_group"] * 4
+def test_a_partition_that_does_not_cover_the_world_is_created_by_its_members_only(creation):
+    assert [o["pair_strategy"] for o in creation] == ["local_new_group"] * 4
 
 
 def test_close_destroys_every_group_the_registry_created(creation):
@@ -334,11 +347,21 @@ def test_member_only_creation_works_after_all_ranks_creation_and_borrowing(creat
     assert [o["after_mpu_sums"] for o in creation] == [[2, 1], [4, 1], [2, 5], [4, 5]]
 
 
-def test_uneven_group_counts_fall_back_to_the_all_ranks_loop(creation):
+def test_the_whole_worlds_rank_set_is_the_default_group_never_created(creation):
     counts = [o["held_counts_differ_here"] for o in creation]
     assert counts[0] == counts[1] != counts[2] == counts[3]
-    assert [o["uneven_strategy"] for o in creation] == ["new_group"] * 4
-    assert [o["uneven_sum"] for o in creation] == [6, 6, 6, 6]
+    assert [o["world_is_default_group"] for o in creation] == [(True, 0)] * 4
+    assert [o["world_sum"] for o in creation] == [6, 6, 6, 6]
+
+
+def test_groups_whose_members_hold_equal_counts_are_created_member_only_when_others_differ(creation):
+    assert [o["uneven_tp"] for o in creation] == [("local_new_group", 1), ("local_new_group", 1),
+                                                  ("local_new_group", 5), ("local_new_group", 5)]
+
+
+def test_groups_whose_members_hold_different_counts_fall_back_to_the_all_ranks_loop(creation):
+    assert [o["uneven_dp"] for o in creation] == [("new_group", 2), ("new_group", 4),
+                                                  ("new_group", 2), ("new_group", 4)]
 
 
 def test_close_leaves_borrowed_groups_alive_and_working(creation):
@@ -580,8 +603,9 @@ def test_every_kind_gets_its_layout_group_and_each_rank_set_one_communicator(siz
         for kind, group in zip(kinds, groups):
             assert _ranks_of(group) == layout.group_of(kind, rank)
         distinct = {tuple(layout.group_of(k, rank)) for k in kinds}
-        assert registry.created == len(distinct)
         assert len({id(g) for g in groups}) == len(distinct)
+        world_held = tuple(range(world)) in distinct  # the default group, not created
+        assert registry.created == len(distinct) - world_held
 
 
 # -- strategy choice on gloo (world of one, in process) ------------------------------

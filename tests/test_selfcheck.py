@@ -211,7 +211,7 @@ def test_standalone_full_layout_groups_follow_the_sizes(standalone_run):
     table = group_table(standalone_run.stdout)
     assert table["tensor_parallel"][:3] == ["2", "2", "created"]
     assert table["pipeline_parallel"][:3] == ["2", "2", "created"]
-    assert table["model_parallel"][:3] == ["4", "1", "created"]
+    assert table["model_parallel"][:3] == ["4", "1", "reused"]  # the world: the default group
     assert table["expert_parallel[ep=2]"][:3] == ["2", "2", "reused = tensor_parallel"]  # etp 1: ep = tp's ranks
 
 
@@ -242,7 +242,7 @@ def test_console_script_standalone_run_creates_and_checks_every_group():
     assert run.returncode == 0, run.stdout + run.stderr
     assert "MPU standalone (no MPU)" in run.stdout
     table = group_table(run.stdout)
-    assert table["data_parallel"][:3] == ["4", "1", "created"]  # the world, cloned
+    assert table["data_parallel"][:3] == ["4", "1", "reused"]  # the world: the default group
     assert table["expert_parallel[ep=2]"][:3] == ["2", "2", "created"]
     assert table["expert_data_parallel[ep=2]"][:3] == ["2", "2", "created"]
     assert table["expert_parallel[ep=4]"][:3] == ["4", "1", "reused = data_parallel"]
