@@ -145,6 +145,21 @@ def _rank_sets(groups: Sequence[Any], world: int) -> int:
     return len(sets)
 
 
+def _gloo_twins_on_fake(dist: Any) -> None:
+    """Let megatron-core's gloo twins be created on the fake world (which has no gloo: a
+    ``ProcessGroupGloo`` over a ``FakeStore`` is not implemented): ``new_group(backend=
+    "gloo")`` becomes a fake group. Real gloo twins cost more (TCP pairs with every peer),
+    so this understates megatron-core's gloo-on time."""
+    real = dist.new_group
+
+    def new_group(*args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("backend") == "gloo":
+            kwargs["backend"] = None
+        return real(*args, **kwargs)
+
+    dist.new_group = new_group
+
+
 def _prepare(contender: str, layout: Layout, world: int) -> Tuple[Callable[[], Any], Callable[[Any], int]]:
     """Imports done; returns (the job, how to count the distinct rank sets it produced)."""
     import torch.distributed as dist
@@ -170,6 +185,8 @@ def _prepare(contender: str, layout: Layout, world: int) -> Tuple[Callable[[], A
     if contender in (MEGATRON, MEGATRON_GLOO):
         from megatron.core import parallel_state
 
+        if contender == MEGATRON_GLOO:
+            _gloo_twins_on_fake(dist)
         before = set(c10d._world.pg_map)
 
         def job() -> Any:
@@ -189,7 +206,6 @@ def _prepare(contender: str, layout: Layout, world: int) -> Tuple[Callable[[], A
     def job() -> Any:
         return init_device_mesh("cpu", tuple(s for _, s in dims), mesh_dim_names=tuple(n for n, _ in dims))
 
-    del dist
     return job, lambda _: _rank_sets([g for g in c10d._world.pg_map if g not in before], world)
 
 

@@ -33,7 +33,8 @@ process groups each member holds before creating it, say) is published as
 ``(group id, value)``; the first member to publish a pair also counts it in the
 round's ``distinct`` counter for that name, so after the round every rank reads how
 many distinct pairs there were: the number of groups exactly when the members of
-every group reported the same value. Two more store operations per name per rank.
+every group reported the same value. One more store operation per name per rank (two
+on the first member of a pair); the distinct counters are read with the others.
 
 Store layout (all under ``mpu_bridge/agree/``): ``epoch``; ``rounds/<epoch>/<rank>``;
 the keys of round ``n`` live under ``<epoch>.<n>/``.

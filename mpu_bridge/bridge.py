@@ -118,10 +118,17 @@ class Bridge(BridgeBase):
             return self._group(spec, None, f"{spec.method or kind}()")
 
     def world(self) -> GroupInfo:
-        """The whole world's group, for DeepSpeed's ``_clone_world_group``: the default group
-        itself (one communicator per rank set), unless the bridge has its own backend or
-        ``pg_options`` (then one group is created, once). DeepSpeed clones the world only
-        because old PyTorch's ``get_global_rank`` refused ``WORLD``."""
+        """The whole world's group, for DeepSpeed's ``_clone_world_group``: the MPU's own
+        world-sized group if it has one, else the default group itself (one communicator
+        per rank set) -- unless the bridge has its own backend or ``pg_options`` (then one
+        group is created, once). DeepSpeed clones the world only because old PyTorch's
+        ``get_global_rank`` refused ``WORLD``."""
+        with self._lock:
+            registry = self._live().registry
+            group = registry.world_group()
+            if group is not None:  # local: nothing to create, nothing to agree on
+                return GroupInfo("world", group, tuple(range(self.world_size)), self.rank,
+                                 registry.is_borrowed(group))
         return self._request(
             "world", "world()",
             lambda s: [("world", partitions.world(self.world_size, self.rank))],

@@ -205,8 +205,7 @@ def collection_groups(bridge: "Bridge") -> Dict[str, Any]:
         elif field in ("hcp", "inter_dist_opt"):
             out[field] = None  # megatron-core: no hierarchical CP, one optimizer instance
         elif field == "intra_dist_opt":
-            # one optimizer instance: the whole world (the default group, without listing it)
-            out[field] = dist.group.WORLD if bridge.registry.serves_world() else bridge.world().group
+            out[field] = bridge.world().group  # one optimizer instance: the whole world
     if "embd" not in out or "pos_embd" not in out:
         # last: these leave ranks out, so every covering rank set is registered before them
         embd, pos = _embedding_groups(bridge)

@@ -181,6 +181,7 @@ class GroupRegistry:
         self._strategies: Dict[str, strategies.Strategy] = {}
         # Set once a group that leaves ranks out is created: the ranks' group counts differ.
         self._uneven = False
+        self._world_borrowed: Any = None  # the first borrowed group over the whole world
         self.created = self.borrowed = self.reused = self.agreements = self.fallbacks = 0
         logger.info(
             "mpu-bridge: creating process groups with strategy %s (requested %s, backend %s, plan check %s)",
@@ -235,7 +236,10 @@ class GroupRegistry:
         """
         with self._lock:
             self._check_open()
-            members = tuple(sorted(integer("a borrowed rank", r, GroupCreationError) for r in ranks))
+            if set(map(type, ranks)) <= {int}:  # the common case, checked at C speed
+                members = tuple(sorted(ranks))
+            else:
+                members = tuple(sorted(integer("a borrowed rank", r, GroupCreationError) for r in ranks))
             self._check_borrowable(members, group)
             try:
                 actual = tuple(sorted(dist.get_process_group_ranks(group)))
@@ -253,6 +257,8 @@ class GroupRegistry:
             key = self._key(members, backend=backend, options=None)
             if key not in self._entries:
                 self._entries[key] = _Entry(members, group, borrowed=True, source="borrowed")
+                if len(members) == self.world_size and key[1:] == (self.backend, self._options_key):
+                    self._world_borrowed = group
             if not any(g is group for g in self._borrowed_groups):
                 self._borrowed_groups.append(group)
                 self.borrowed += 1
@@ -279,6 +285,15 @@ class GroupRegistry:
         """Whether the default group is this registry's group for the whole world's rank
         set: its backend and options are the default group's (one communicator per rank set)."""
         return self.backend == self.default_backend and self.pg_options is None
+
+    def world_group(self) -> Optional[Any]:
+        """This registry's group for the whole world without listing it: the MPU's own
+        world-sized group if one was borrowed, else the default group where
+        :meth:`serves_world`, else None (one must be created). O(1)."""
+        with self._lock:
+            if self._world_borrowed is not None:
+                return self._world_borrowed
+            return _torch.default_group() if self.serves_world() else None
 
     def lookup(self, ranks: Sequence[int]) -> Optional[Any]:
         """The registered group for ``ranks`` (this registry's backend and options), or None.
@@ -388,6 +403,7 @@ class GroupRegistry:
                     )
             self._created.clear()
             self._entries.clear()
+            self._world_borrowed = None
 
     def __enter__(self) -> "GroupRegistry":
         return self

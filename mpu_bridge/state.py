@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Tuple
 
 import torch.distributed as dist
 
@@ -31,6 +31,11 @@ from .mpu import MpuReader, check_is_mpu
 from .mpu.order import infer_order
 from .registry import GroupRegistry
 from .validate import positive_int
+
+if TYPE_CHECKING:
+    from typing import TypeGuard
+
+    from torch.distributed.device_mesh import DeviceMesh
 
 __all__ = [
     "GroupInfo",
@@ -51,8 +56,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: MPU getters of a group that may span the whole world without answering a dimension.
-_WORLD_SIZED_GETTERS = ("get_intra_distributed_optimizer_instance_group",)
 _EXPERT_DIMS = frozenset(k.dim for k in KIND_BY_DIM.values() if k.grid == "expert")
 _ORDER_DIMS = ("tp", "cp", "dp", "pp", "ep", "etp", "edp")
 
@@ -146,6 +149,13 @@ class Broken:
     reason: str
 
 
+def _is_device_mesh(obj: Any) -> "TypeGuard[DeviceMesh]":
+    """Whether ``obj`` is a ``torch.distributed.device_mesh.DeviceMesh`` (read as an MPU)."""
+    from torch.distributed.device_mesh import DeviceMesh
+
+    return isinstance(obj, DeviceMesh)
+
+
 def read_state(
     mpu: Optional[object],
     world_size: int,
@@ -162,10 +172,10 @@ def read_state(
     rank order (or not ``order``, when given); LayoutError for standalone sizes that
     form no layout.
     """
-    if mpu is not None:
-        from .mesh import mesh_as_mpu  # a DeviceMesh (isinstance) reads as an MPU: mesh.MeshMpu
+    if mpu is not None and _is_device_mesh(mpu):
+        from .mesh import MeshMpu  # imported only for a mesh
 
-        mpu = mesh_as_mpu(mpu)
+        mpu = MeshMpu(mpu)
     if mpu is None:
         layout = plan(world_size, order=order or DEFAULT_ORDER, **dict(sizes or {}))
         registry = GroupRegistry(**registry_options)
@@ -240,7 +250,6 @@ def _mismatching_dims(reader: MpuReader, layout: Layout, rank: int) -> List[str]
 
 
 def _borrow(reader: MpuReader, registry: GroupRegistry, world_size: int, rank: int) -> Dict[str, GroupInfo]:
-    _borrow_world_sized(reader, registry, world_size)
     borrowed: Dict[str, GroupInfo] = {}
     for dim, kind in KIND_BY_DIM.items():
         if not _answers(reader, dim):
@@ -250,25 +259,6 @@ def _borrow(reader: MpuReader, registry: GroupRegistry, world_size: int, rank: i
         if kind.method is not None:
             borrowed[kind.name] = GroupInfo(kind.method, group, ranks, ranks.index(rank), True)
     return borrowed
-
-
-def _borrow_world_sized(reader: MpuReader, registry: GroupRegistry, world_size: int) -> None:
-    """Register an MPU group over the whole world (for ``Bridge.world``), if it has one.
-
-    megatron-core >= 0.11 holds ``_INTRA_DISTRIBUTED_OPTIMIZER_INSTANCE_GROUP``, the
-    whole world when there is one optimizer instance (the default).
-    """
-    for name in _WORLD_SIZED_GETTERS:
-        getter = getattr(reader.mpu, name, None)
-        if not callable(getter):
-            continue
-        try:
-            group = getter()
-            ranks = tuple(dist.get_process_group_ranks(group))
-        except Exception:  # not initialised, None, or not a group: nothing to borrow
-            continue
-        if sorted(ranks) == list(range(world_size)):
-            registry.borrow(ranks, group)
 
 
 def mpu_embedding_groups(state: State, rank: int) -> Optional[Tuple[Optional[GroupInfo], Optional[GroupInfo]]]:

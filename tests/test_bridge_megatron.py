@@ -688,6 +688,8 @@ def test_legacy_sequence_getters_are_context_parallelism_when_cp_is_2(world4, wo
 
 
 def _world_over_megatron(rank: int, world_size: int) -> Dict[str, Any]:
+    import torch.distributed as dist
+
     import mpu_bridge
 
     ps = _parallel_state()
@@ -699,8 +701,7 @@ def _world_over_megatron(rank: int, world_size: int) -> Dict[str, Any]:
         "ranks": world.ranks,
         "created": bridge.stats()["created"],
         "pg_delta": _pg_count() - pgs_before,
-        "is_megatron_world_group": world.group is ps.get_intra_distributed_optimizer_instance_group(),
-        "borrowed": world.borrowed,
+        "is_default_group": world.group is dist.group.WORLD,
         "sum": _sum_of_ranks(world.group),
     }
     bridge.close()
@@ -708,11 +709,9 @@ def _world_over_megatron(rank: int, world_size: int) -> Dict[str, Any]:
     return observed
 
 
-def test_world_reuses_megatron_cores_world_sized_group_and_creates_nothing():
-    if not hasattr(_parallel_state(), "get_intra_distributed_optimizer_instance_group"):
-        pytest.skip("megatron-core < 0.11 holds no world-sized group")
+def test_world_over_megatron_core_is_the_default_group_and_creates_nothing():
     for rank, observed in enumerate(run_ranks(_world_over_megatron, 4, timeout=300)):
         assert observed["ranks"] == (0, 1, 2, 3), rank
         assert (observed["created"], observed["pg_delta"]) == (0, 0), rank
-        assert observed["is_megatron_world_group"] and observed["borrowed"], rank
+        assert observed["is_default_group"], rank
         assert observed["sum"] == 6, rank

@@ -335,8 +335,9 @@ def _fault_world(rank: int, world: int) -> Dict[str, Any]:
 
     # Sizes differ, every group reusable (case 3): rank 0 asks ep 2, the others ep 4.
     scenario("sizes", lambda b: b.expert_groups(2 if rank == 0 else 4))
-    # Methods differ, both met entirely by reuse (megatron's expert groups / world group).
-    scenario("methods", lambda b: b.expert_groups(2) if rank == 0 else b.world())
+    # Methods differ, both met entirely by reuse: megatron's expert groups, and hpZ blocks
+    # of 2 over dp = the world ([0, 1] [2, 3]: megatron's EP groups again).
+    scenario("methods", lambda b: b.expert_groups(2) if rank == 0 else b.zero_param_groups(2))
     # Order of calls differs.
     scenario("order", lambda b: [b.zero_param_groups(4), b.all_to_all_groups(2)] if rank == 0
              else [b.all_to_all_groups(2), b.zero_param_groups(4)])
@@ -394,7 +395,7 @@ def test_disagreeing_sizes_met_by_reuse_are_a_plan_mismatch_naming_both_calls(fa
 def test_disagreeing_methods_met_by_reuse_are_a_plan_mismatch_naming_both_calls(faults):
     for o in faults:
         message = o["methods"]["message"]
-        assert "from expert_groups(2)" in message and "from world()" in message, message
+        assert "from expert_groups(2)" in message and "from zero_param_groups(2)" in message, message
 
 
 def test_another_order_of_calls_names_the_first_call_of_each_rank(faults):

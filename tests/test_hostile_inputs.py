@@ -528,10 +528,11 @@ def _pure_getters_alone(rank: int, world_size: int) -> Dict[str, Any]:
         out["agreements_after_pure"] = (bridge.stats()["agreements"], default.stats()["agreements"])
     dist.barrier()
     sums = []
-    for group in (bridge.world().group, groups._clone_world_group()):
+    # expert groups of size 2 ([0, 1] and [2, 3]): a first-time request, agreed by all ranks
+    for group in (bridge.expert_groups(2).expert_parallel.group, default.expert_groups(2).expert_parallel.group):
         value = torch.tensor([1 + dist.get_rank()])
         dist.all_reduce(value, group=group)
-        sums.append(int(value) - world_size)  # the sum of the global ranks
+        sums.append(int(value) - 2)  # the sum of the group's global ranks
     out["world_sums"] = sums
     out["agreements_after_world"] = (bridge.stats()["agreements"], default.stats()["agreements"])
     bridge.close()
@@ -571,7 +572,7 @@ def test_pure_getters_on_rank_0_alone_need_no_communication_on_four_ranks():
     assert rank0["pure_seconds"] < _PURE_BUDGET_S, f"the pure calls on rank 0 took {rank0['pure_seconds']:.2f} s"
     assert rank0["agreements_after_pure"] == (0, 0)
     # No round was consumed: identical group calls on every rank afterwards work.
-    assert [r["world_sums"] for r in results] == [[6, 6]] * 4
+    assert [r["world_sums"] for r in results] == [[1, 1], [1, 1], [5, 5], [5, 5]]
     assert [r["agreements_after_world"] for r in results] == [(1, 1)] * 4
 
 

@@ -104,7 +104,7 @@ def _check_dim(
             f"the MPU's {dim} group has {len(ranks)} ranks {ranks} (from {ranks_source}), "
             f"but the MPU reports a {dim} size of {size} (from {size_source})"
         )
-    if any(r < 0 or r >= world_size for r in ranks) or len(set(ranks)) != len(ranks):
+    if min(ranks) < 0 or max(ranks) >= world_size or len(set(ranks)) != len(ranks):
         raise MpuError(
             f"the MPU's {dim} group {ranks} (from {ranks_source}) is not a set of distinct "
             f"ranks of the world of {world_size}"

@@ -27,6 +27,7 @@ Pure data and name lookups: no torch, nothing from :mod:`mpu_bridge.mpu.reader`.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import sys
 from dataclasses import dataclass
@@ -113,6 +114,10 @@ class Getter:
     when: Optional[Condition] = None
 
     def render(self) -> str:
+        return self._text
+
+    @functools.cached_property
+    def _text(self) -> str:  # the tables are constant: render each getter once
         args = ", ".join(f"{key}={value!r}" for key, value in self.kwargs)
         text = f"{self.name}({args})"
         if self.when is not None:

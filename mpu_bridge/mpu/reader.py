@@ -207,7 +207,7 @@ def _answer_from_group(query: str, group: Any) -> Any:
         if rank < 0:
             raise RuntimeError("this rank is not a member of the group")
         return int(rank)
-    return [int(r) for r in dist.get_process_group_ranks(group)]
+    return list(map(int, dist.get_process_group_ranks(group)))
 
 
 def _layout_order(mpu: Any, flavour: str) -> Optional[str]:
@@ -431,6 +431,23 @@ class MpuReader:
     _validate = staticmethod(_validate_answer)
 
     def _resolve(self, dim: str, query: str, seen: Tuple[str, ...]) -> Tuple[Any, str]:
+        """(answer, source) of ``query`` for ``dim``; raises _Failure. Inside a snapshot,
+        a top-level resolution is made once (its answer, or its failure, reused)."""
+        memo = self._memo
+        if seen or memo is None:
+            return self._resolve_now(dim, query, seen)
+        key: Any = ("resolved", dim, query)
+        if key not in memo:
+            try:
+                memo[key] = (True, self._resolve_now(dim, query, seen), "")
+            except _Failure as failure:
+                memo[key] = (False, failure, "")
+        ok, result, _ = memo[key]
+        if not ok:
+            raise result
+        return result
+
+    def _resolve_now(self, dim: str, query: str, seen: Tuple[str, ...]) -> Tuple[Any, str]:
         trail: List[str] = []
         uninitialised = False
         for getter in self._table.get((dim, query), ()):
