@@ -743,3 +743,38 @@ def test_one_shared_group_means_the_whole_partitions_are_equal(tp, pp, cp, ep, d
     for a, b in itertools.combinations(KINDS, 2):
         if layout.group_of(a, rank) == layout.group_of(b, rank):
             assert sorted(map(tuple, layout.groups(a))) == sorted(map(tuple, layout.groups(b)))
+
+
+# -- without the cross-rank check (fake backend): families that leave ranks out --------------
+
+
+def test_a_standalone_collection_without_the_check_is_member_only_and_one_group_per_rank_set():
+    import mpu_bridge
+    from mpu_bridge.pg_collection import collection_groups
+
+    world, rank = 4096, 2053  # tp 4, pp 4: stage 2 of its pipeline, in no embedding group
+    with fake_world(world, rank):
+        bridge = mpu_bridge.attach(None, tp=4, pp=4)
+        groups = collection_groups(bridge)
+        sets = {tuple(sorted(dist.get_process_group_ranks(g))) for g in groups.values() if g is not None}
+        assert groups["embd"] is None and groups["pos_embd"] is None
+        assert groups["intra_dist_opt"] is dist.group.WORLD  # the world: the default group
+        assert bridge.stats()["fallbacks"] == 0
+        assert bridge.stats()["created"] == len(sets) - 1
+        bridge.close()
+
+
+def test_without_the_check_requests_after_a_family_that_left_ranks_out_fall_back():
+    # Embedding groups were created member-only, so the ranks' group counts may differ; no
+    # rank can see the others' counts without the check, so the next creation enters
+    # every group (rank 2053 is on a middle stage, in no embedding group).
+    import mpu_bridge
+
+    with fake_world(4096, 2053):
+        bridge = mpu_bridge.attach(None, tp=4, pp=4)
+        bridge.embedding_groups()
+        before = bridge.stats()["fallbacks"]
+        bridge.zero_param_groups(2)
+        assert bridge.stats()["fallbacks"] == before + 1
+        assert bridge.registry.last_strategy == "new_group"
+        bridge.close()
