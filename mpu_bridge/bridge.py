@@ -124,11 +124,13 @@ class Bridge(BridgeBase):
         group is created, once). DeepSpeed clones the world only because old PyTorch's
         ``get_global_rank`` refused ``WORLD``."""
         with self._lock:
-            registry = self._live().registry
-            group = registry.world_group()
+            state = self._live()
+            group = state.registry.world_group()
             if group is not None:  # local: nothing to create, nothing to agree on
-                return GroupInfo("world", group, tuple(range(self.world_size)), self.rank,
-                                 registry.is_borrowed(group))
+                if "world" not in state.answers:
+                    state.answers["world"] = GroupInfo("world", group, tuple(range(self.world_size)), self.rank,
+                                                       state.registry.is_borrowed(group))
+                return state.answers["world"]
         return self._request(
             "world", "world()",
             lambda s: [("world", partitions.world(self.world_size, self.rank))],
