@@ -297,9 +297,10 @@ def _run_deepspeed(spec: Dict[str, Any], profiler: Any) -> Dict[str, Any]:
 
 
 def _run_bridge(spec: Dict[str, Any], strategy: str, profiler: Any) -> Dict[str, Any]:
+    from megatron.core import parallel_state
+
     import mpu_bridge
     import mpu_bridge.bridge  # noqa: F401  (imported before the clock, like deepspeed)
-    from megatron.core import parallel_state
 
     def expert_sets(experts: Any) -> List[Sequence[int]]:
         return [experts.expert_parallel.ranks, experts.expert_data_parallel.ranks]
@@ -421,7 +422,9 @@ def run_worker(spec: Dict[str, Any], timeout: float) -> Dict[str, Any]:
     try:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
     except subprocess.TimeoutExpired:
-        raise SystemExit(f"measurement {spec['contender']} at {spec['world']} ranks took over {timeout:g} s")
+        raise SystemExit(
+            f"measurement {spec['contender']} at {spec['world']} ranks took over {timeout:g} s"
+        ) from None
     lines = [line for line in proc.stdout.splitlines() if line.startswith(_RESULT_PREFIX)]
     if proc.returncode != 0 or not lines:
         sys.stderr.write(proc.stdout[-4000:] + "\n" + proc.stderr[-8000:] + "\n")

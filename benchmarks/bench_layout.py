@@ -193,9 +193,9 @@ def run_scenario(scenario: Scenario, rank_generator) -> Tuple[float, List[Row]]:
             return scenario.plan().group_of(kind, rank)
 
         ours_cold = median_time(cold_group_of, repeats=5, number=20)
-        ours_warm = median_time(lambda: layout.group_of(kind, rank), repeats=5, number=100)
+        ours_warm = median_time(lambda kind=kind: layout.group_of(kind, rank), repeats=5, number=100)
         ours_groups = median_time(
-            lambda: layout.groups(kind), repeats=scenario.our_enumeration_repeats
+            lambda kind=kind: layout.groups(kind), repeats=scenario.our_enumeration_repeats
         )
         row = Row(kind, layout.size(kind), ours_cold, ours_warm, ours_groups)
 

@@ -480,7 +480,8 @@ def _check_created_options(
     experts = bridge.expert_groups(ep)
     if bridge.stats()["created"] > before:
         case.equal(f"expert_groups({ep}) creation", bridge.registry.last_strategy, "split_group")
-    for label, info in (("expert_parallel", experts.expert_parallel), ("expert_data_parallel", experts.expert_data_parallel)):
+    pairs = (("expert_parallel", experts.expert_parallel), ("expert_data_parallel", experts.expert_data_parallel))
+    for label, info in pairs:
         case.equal(f"{label}[ep={ep}] all-reduce on cuda", sum_of_ranks(info.group, world), sum(info.ranks))
         if info.borrowed:
             continue

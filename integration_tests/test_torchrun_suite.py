@@ -32,6 +32,7 @@ from typing import Any, Dict, List
 import pytest
 
 from _launch import NEEDS_GPUS, NPROC, REPO_ROOT, Launch, cuda_gpus
+from mpu_bridge.errors import LayoutError
 from nightly_layouts import (
     CPU_EXTRA_EP,
     CPU_MEGATRON_LAYOUTS,
@@ -41,8 +42,6 @@ from nightly_layouts import (
     parse_spec,
     selfcheck_layouts,
 )
-
-from mpu_bridge.errors import LayoutError
 
 ON_GPUS = cuda_gpus() >= NPROC
 RANK_CHECKS = "integration_tests/rank_checks.py"

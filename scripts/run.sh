@@ -34,8 +34,9 @@ case "$job" in
         exec bash scripts/main_job.sh "$@"
         ;;
     test)
-        # Code health first (seconds): lint and type check of the package (it ships py.typed).
-        "$venv/bin/ruff" check mpu_bridge
+        # Code health first (seconds): lint of the package, its benchmarks, examples and
+        # integration programs, and a type check of the package (it ships py.typed).
+        "$venv/bin/ruff" check mpu_bridge benchmarks examples integration_tests
         "$venv/bin/mypy"
         exec "$venv/bin/python" -m pytest -q "$@"
         ;;
