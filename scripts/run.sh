@@ -34,9 +34,10 @@ case "$job" in
         exec bash scripts/main_job.sh "$@"
         ;;
     test)
-        # Code health first (seconds): lint of the package, its benchmarks, examples and
-        # integration programs, and a type check of the package (it ships py.typed).
-        "$venv/bin/ruff" check mpu_bridge benchmarks examples integration_tests
+        # Code health first (seconds): lint of everything (the package, its tests,
+        # benchmarks, examples and integration programs), and a type check of the package
+        # (it ships py.typed).
+        "$venv/bin/ruff" check mpu_bridge tests benchmarks examples integration_tests
         "$venv/bin/mypy"
         exec "$venv/bin/python" -m pytest -q "$@"
         ;;

@@ -225,8 +225,9 @@ def _zero_observation(bridge: Any) -> Dict[str, Any]:
 
 def _close_observation(bridge: Any, ps: Any, attach: Any) -> Dict[str, Any]:
     """Close a bridge that created groups; check megatron-core's still work; then ``with``."""
-    from mpu_bridge.errors import BridgeError
     from torch.distributed import distributed_c10d as c10d
+
+    from mpu_bridge.errors import BridgeError
 
     created_groups = [bridge.get_expert_groups(name) for name in bridge.expert_group_names()]
     created = [

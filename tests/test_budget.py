@@ -12,8 +12,8 @@ import sys
 from typing import Any, Dict, List, Tuple
 
 import pytest
-from _multiproc import run_ranks
 
+from _multiproc import run_ranks
 from mpu_bridge.budget import (
     DEFAULT_COMM_MB,
     bridge_rank_sets,

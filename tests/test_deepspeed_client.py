@@ -31,10 +31,9 @@ from typing import Any, Dict, List, Tuple
 
 import pytest
 
+import mpu_bridge
 from _deepspeed_env import DEEPSPEED_RANK_ENV, part_reports, run_parts, start_deepspeed, zero_config
 from _multiproc import run_ranks
-
-import mpu_bridge
 from mpu_bridge.deepspeed_install import install_expert_groups, uninstall_expert_groups
 from mpu_bridge.errors import BridgeError
 

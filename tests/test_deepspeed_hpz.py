@@ -35,10 +35,9 @@ from typing import Any, Dict, List, Tuple
 
 import pytest
 
+import mpu_bridge
 from _deepspeed_env import DEEPSPEED_RANK_ENV, part_reports, run_parts, start_deepspeed
 from _multiproc import run_ranks
-
-import mpu_bridge
 from mpu_bridge.deepspeed_install import install_hpz_group, uninstall_hpz_group
 from mpu_bridge.errors import BridgeError
 

@@ -482,10 +482,9 @@ _RANKS_LINE = re.compile(
 def _deepspeed_oracle(request: Dict[str, Any]) -> Dict[str, Any]:
     """Run DeepSpeed's own functions on ``request``'s configs (in a subprocess: see the bottom)."""
     os.environ["DS_ACCELERATOR"] = "cpu"
+    import deepspeed.comm as ds_comm
     import torch.distributed as torch_dist
     from torch.testing._internal.distributed.fake_pg import FakeStore
-
-    import deepspeed.comm as ds_comm
 
     # TorchBackend would otherwise compile a shared-memory op (30-70 s; see ENVIRONMENT.md).
     importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None

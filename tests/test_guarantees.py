@@ -226,9 +226,9 @@ def _orders_seen_by(rank: int, cases: List[Tuple[Dict[str, int], str]]) -> List[
     """Rank ``rank`` of an 8-rank ``fake`` world: megatron-core initialised with each case
     (real code; only the communication is simulated), attached without an order."""
     import torch.distributed as dist
+    from test_mpu_reader import fake_world
 
     import mpu_bridge
-    from test_mpu_reader import fake_world
 
     ps = _ps()
     out = []

@@ -17,8 +17,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fakes import fake_mpu_from_surface, load_surface, surface_names
 from _multiproc import run_ranks
+from fakes import fake_mpu_from_surface, load_surface, surface_names
 from mpu_bridge.errors import LayoutError, MpuError
 from mpu_bridge.layout import Layout, plan
 from mpu_bridge.mpu import (
@@ -488,7 +488,8 @@ def test_user_object_missing_a_needed_name_lists_every_name_tried():
 
 def test_unknown_dimension_lists_the_valid_ones():
     reader = MpuReader(PartialMpu(tp=2, dp=4, rank=0))
-    with pytest.raises(MpuError, match=r"unknown dimension 'zp'; valid dimensions: tp, pp, dp, cp, sdp, mp, ep, edp, etp"):
+    valid = "tp, pp, dp, cp, sdp, mp, ep, edp, etp"
+    with pytest.raises(MpuError, match=rf"unknown dimension 'zp'; valid dimensions: {valid}"):
         reader.world_size("zp")
     with pytest.raises(MpuError, match="unknown query 'size'"):
         reader.has("tp", "size")
@@ -580,7 +581,8 @@ def test_group_size_that_differs_from_the_reported_size_is_an_error():
         reader = MpuReader(fake_mpu_from_surface(load_surface("megatron-lm-2.0"), layout, 0, groups))
         with pytest.raises(MpuError) as info:
             reader.check_against_world(8, 0)
-    assert "the MPU's dp group (get_data_parallel_group()) has 8 ranks, but the MPU reports a dp size of 4" in str(info.value)
+    expected = "the MPU's dp group (get_data_parallel_group()) has 8 ranks, but the MPU reports a dp size of 4"
+    assert expected in str(info.value)
 
 
 def test_rank_missing_from_its_own_group_is_an_error():
@@ -622,7 +624,7 @@ def _read_deepspeed_grid(rank: int, world_size: int, topologies):
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     import deepspeed
-    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology, PipelineParallelGrid
+    from deepspeed.runtime.pipe.topology import PipelineParallelGrid, PipeModelDataParallelTopology
 
     deepspeed.init_distributed(dist_backend="gloo")
     results = []

@@ -113,8 +113,9 @@ def _fields(pgc: Any) -> Dict[str, Any]:
 
 
 def _one_layout(spec: Dict[str, Any]) -> Dict[str, Any]:
-    import mpu_bridge
     from megatron.core.process_groups_config import ProcessGroupCollection
+
+    import mpu_bridge
 
     ps = _parallel_state()
     obs: Dict[str, Any] = {}

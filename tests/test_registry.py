@@ -26,10 +26,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.distributed import distributed_c10d as c10d
 
+from _multiproc import run_ranks
 from mpu_bridge.errors import BridgeError, GroupCreationError, LayoutError, PlanMismatchError
 from mpu_bridge.layout import KINDS, plan
 from mpu_bridge.registry import GroupRegistry, Partition, _hashed_group_name
-from _multiproc import run_ranks
 
 # --------------------------------------------------------------------------------------
 # Helpers used inside rank processes (module level: run_ranks pickles by reference)
