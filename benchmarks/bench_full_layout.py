@@ -64,6 +64,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+from bench_bridge import _c10d_counts  # (groups held, new_group calls) from PyTorch's bookkeeping
+
 ROOT = Path(__file__).resolve().parents[1]
 
 BRIDGE = "bridge"
@@ -120,15 +122,6 @@ def _reset_peak() -> None:
     """Reset ``VmHWM`` to the current RSS (Linux: write 5 to ``/proc/self/clear_refs``)."""
     with open("/proc/self/clear_refs", "w") as refs:
         refs.write("5")
-
-
-def _counts() -> Tuple[int, int]:
-    """(groups this process holds, new_group calls so far) from PyTorch's bookkeeping."""
-    from torch.distributed import distributed_c10d as c10d
-
-    world = c10d._world
-    hashed = sum(1 for name in world.pg_names.values() if not str(name).isdigit())
-    return len(world.pg_map), int(world.group_count) + hashed
 
 
 def _rank_sets(groups: Sequence[Any], world: int) -> int:
@@ -217,7 +210,7 @@ def measure(contender: str, layout: Layout, world: int) -> Dict[str, Any]:
     rank = world // 2 + 5
     dist.init_process_group("fake", rank=rank, world_size=world, store=FakeStore())
     job, count_sets = _prepare(contender, layout, world)
-    groups0, calls0 = _counts()
+    groups0, calls0 = _c10d_counts()
     gc.collect()
     _reset_peak()
     rss0 = _rss_mb("VmRSS")
@@ -227,7 +220,7 @@ def measure(contender: str, layout: Layout, world: int) -> Dict[str, Any]:
     seconds = time.perf_counter() - start
     gc.enable()
     peak = _rss_mb("VmHWM")
-    groups1, calls1 = _counts()
+    groups1, calls1 = _c10d_counts()
     return {
         "contender": contender, "layout": layout.label, "world": world, "seconds": seconds,
         "peak_rss_mb": peak, "rss_growth_mb": max(0.0, peak - rss0),

@@ -35,7 +35,7 @@ Example::
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, TypeGuard
 
 from .errors import LayoutError
 from .groupview import GroupView
@@ -217,9 +217,15 @@ def bridge_rank_sets(layout: Layout, rank: int) -> List[GroupView]:
     group holds it (``intra_dist_opt``, and any field as large as the world)."""
     seen: List[GroupView] = []
     for view in bridge_fields(layout, rank).values():
-        if view is not None and len(view) < layout.world_size and view not in seen:
+        if _created(view, layout) and view not in seen:
             seen.append(view)
     return seen
+
+
+def _created(view: Optional[GroupView], layout: Layout) -> TypeGuard[GroupView]:
+    """Whether the bridge creates a group for ``view``: one exists, and it is not the
+    whole world (the default group holds that)."""
+    return view is not None and len(view) < layout.world_size
 
 
 def _stage_classes(layout: Layout) -> List[Tuple[int, int]]:
@@ -239,8 +245,7 @@ def _partitions(layout: Layout) -> int:
     translates of one pattern is unique), embd / pos_embd by their stage sets."""
     covering: List[GroupView] = []
     for field, view in bridge_fields(layout, 0).items():
-        if view is not None and field not in ("embd", "pos_embd") and len(view) < layout.world_size \
-                and view not in covering:
+        if _created(view, layout) and field not in ("embd", "pos_embd") and view not in covering:
             covering.append(view)
     pp = layout.config.pp
     if pp == 1:  # embd and pos_embd: every rank alone
@@ -248,7 +253,7 @@ def _partitions(layout: Layout) -> int:
         return len(covering) + (0 if one in covering else 1)
     pp_view = layout.group_view_of("pp", 0)
     count = len(covering)
-    held = pp_view in covering or len(pp_view) == layout.world_size  # or the default group
+    held = pp_view in covering or not _created(pp_view, layout)
     count += 0 if pp == 2 and held else 1  # embd == pp when pp == 2
     count += 0 if GroupView(0) in covering else 1  # pos_embd: first stages alone, held if size 1 is
     return count

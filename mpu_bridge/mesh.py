@@ -63,7 +63,6 @@ __all__ = [
     "MESH_FLAT_NAMES",
     "MeshMpu",
     "device_mesh",
-    "mesh_as_mpu",
     "mesh_dim_name",
     "mesh_ranks",
 ]
@@ -463,8 +462,3 @@ class MeshMpu:
 
     def __dir__(self) -> List[str]:
         return sorted(set(super().__dir__()) | set(self.__dict__.get("_getters", {})))
-
-
-def mesh_as_mpu(mpu: Any) -> Any:
-    """``mpu`` itself, or a :class:`MeshMpu` over it when it is a ``DeviceMesh``."""
-    return MeshMpu(mpu) if isinstance(mpu, DeviceMesh) else mpu

@@ -296,15 +296,14 @@ class GroupRegistry:
             return _torch.default_group() if self.serves_world() else None
 
     def lookup(self, ranks: Sequence[int]) -> Optional[Any]:
-        """The registered group for ``ranks`` (this registry's backend and options), or None.
-        The whole world's rank set, unless borrowed, is the default group where
-        :meth:`serves_world`."""
+        """The registered group for ``ranks`` (this registry's backend and options), or None;
+        for the whole world's rank set, :meth:`world_group` when nothing is registered."""
         with self._lock:
             if self._closed:
                 return None
             entry = self._entries.get(self._key([int(r) for r in ranks]))
-            if entry is None and len(ranks) == self.world_size and self.serves_world():
-                return _torch.default_group()  # an MPU's own world-sized group comes first
+            if entry is None and len(ranks) == self.world_size:
+                return self.world_group()
             return None if entry is None else entry.group
 
     def ensure(self, partitions: Sequence[Partition], *, label: str = "") -> List[Optional[Any]]:
@@ -420,26 +419,6 @@ class GroupRegistry:
     def _registered(self) -> set:
         return {k[0] for k in self._entries if k[1:] == (self.backend, self._options_key)}
 
-    def _local_facts(
-        self, parts: Sequence[Partition], votes: List[str]
-    ) -> Tuple[Dict[str, str], Dict[str, Optional[Tuple[str, str]]]]:
-        """Facts every rank must share, and grouped facts each group's members must share,
-        for the decision to be safe (see the module docstring)."""
-        facts: Dict[str, str] = {"reuse": "".join(votes)}
-        grouped: Dict[str, Optional[Tuple[str, str]]] = {}
-        if self.strategy != "split_group":
-            facts["seq"] = str(_torch.group_counter())
-        if self.strategy == "local_new_group":
-            counts = planning.held_counts(votes, _torch.groups_held())
-            names = []
-            for i, (p, vote, held) in enumerate(zip(parts, votes, counts)):
-                grouped[f"held/{i}"] = None if p.own is None else (str(p.own[0]), str(held))
-                if vote == "0":
-                    names.append(_torch.hashed_group_name(p.own, held))  # type: ignore[arg-type]
-            stale = any(self._store.check([f"{_USED_NAME_PREFIX}/{n}"]) for n in names)
-            facts["fresh"] = "0" if stale else "1"
-        return facts, grouped
-
     def _plan_batch(self, parts: Sequence[Partition], label: str) -> Tuple[List[Optional[bool]], str]:
         """Agree on the batch and decide, identically on every rank, what to reuse and how to create."""
         votes = planning.reuse_votes(parts, self._registered(), self.world_size if self.serves_world() else 0)
@@ -447,7 +426,7 @@ class GroupRegistry:
             equal = not self._uneven and planning.safe_without_check(parts, self.world_size)
             strategy, reason = planning.decide_strategy(self.strategy, equal_counts=equal, checked=False)
             return [v == "1" for v in votes], self._note_fallback(strategy, reason)
-        facts, grouped = self._local_facts(parts, votes)
+        facts, grouped = _batch_facts(parts, votes, self.strategy, self._store)
         digest, summary = planning.digest(
             parts, label, backend=self.backend, strategy=self.requested_strategy, options=self.pg_options
         )
@@ -471,17 +450,8 @@ class GroupRegistry:
         )
         strategy = self._note_fallback(strategy, reason)
         if strategy == "new_group" and not all(reuse) and not result.is_unanimous("seq"):
-            raise self._sequence_error(result)
+            raise _sequence_error(self.rank, result)
         return reuse, strategy
-
-    def _sequence_error(self, result: Agreement) -> GroupCreationError:
-        table = result.collect()
-        return GroupCreationError(
-            f"rank {self.rank}: cannot create groups with new_group: the ranks have created "
-            f"different numbers of all-ranks groups so far, so PyTorch's sequential group "
-            f"names would not match (PyTorch's group counter: {table.describe_fact('seq')}). Every rank "
-            "must create the same groups in the same order before this point."
-        )
 
     def _note_fallback(self, strategy: str, reason: Optional[str]) -> str:
         if reason is None:
@@ -534,3 +504,34 @@ class GroupRegistry:
         self._created.append(entry)
         self.created += 1
         return group
+
+
+def _batch_facts(
+    parts: Sequence[Partition], votes: List[str], strategy: str, store: Any
+) -> Tuple[Dict[str, str], Dict[str, Optional[Tuple[str, str]]]]:
+    """What this rank publishes for a batch: facts every rank must share, and grouped facts
+    each group's members must share, for the decision to be safe (see the module docstring)."""
+    facts: Dict[str, str] = {"reuse": "".join(votes)}
+    grouped: Dict[str, Optional[Tuple[str, str]]] = {}
+    if strategy != "split_group":
+        facts["seq"] = str(_torch.group_counter())
+    if strategy == "local_new_group":
+        counts = planning.held_counts(votes, _torch.groups_held())
+        names = []
+        for i, (p, vote, held) in enumerate(zip(parts, votes, counts)):
+            grouped[f"held/{i}"] = None if p.own is None else (str(p.own[0]), str(held))
+            if vote == "0":
+                names.append(_torch.hashed_group_name(p.own, held))  # type: ignore[arg-type]
+        stale = any(store.check([f"{_USED_NAME_PREFIX}/{n}"]) for n in names)
+        facts["fresh"] = "0" if stale else "1"
+    return facts, grouped
+
+
+def _sequence_error(rank: int, result: Agreement) -> GroupCreationError:
+    table = result.collect()
+    return GroupCreationError(
+        f"rank {rank}: cannot create groups with new_group: the ranks have created "
+        f"different numbers of all-ranks groups so far, so PyTorch's sequential group "
+        f"names would not match (PyTorch's group counter: {table.describe_fact('seq')}). Every rank "
+        "must create the same groups in the same order before this point."
+    )

@@ -21,11 +21,11 @@ What is specified here:
 from __future__ import annotations
 
 import importlib.util
-import warnings
 from typing import Any, Dict, List, Tuple
 
 import pytest
 
+from _megatron import initialize_megatron, megatron_parallel_state
 from _multiproc import run_ranks
 
 pytestmark = pytest.mark.skipif(
@@ -72,24 +72,8 @@ WITH_EP_8 = [name for name, spec in LAYOUTS_8.items() if spec.get("ep", 1) > 1]
 # ---------------------------------------------------------------------------------------
 
 
-def _parallel_state() -> Any:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        from megatron.core import parallel_state
-
-    return parallel_state
 
 
-def _initialize(ps: Any, spec: Dict[str, Any]) -> None:
-    ps.initialize_model_parallel(
-        tensor_model_parallel_size=spec.get("tp", 1),
-        pipeline_model_parallel_size=spec.get("pp", 1),
-        context_parallel_size=spec.get("cp", 1),
-        expert_model_parallel_size=spec.get("ep", 1),
-        expert_tensor_parallel_size=spec.get("etp"),
-        order=spec.get("order", DEFAULT_ORDER),
-        create_gloo_process_groups=False,
-    )
 
 
 def _pg_count() -> int:
@@ -324,10 +308,10 @@ def _observe_layout(ps: Any, spec: Dict[str, Any], extras: Tuple[str, ...]) -> D
 def _megatron_world(
     rank: int, world_size: int, layouts: Dict[str, Dict[str, Any]], extras: Dict[str, Tuple[str, ...]]
 ) -> Dict[str, Any]:
-    ps = _parallel_state()
+    ps = megatron_parallel_state()
     out: Dict[str, Any] = {}
     for name, spec in layouts.items():
-        _initialize(ps, spec)
+        initialize_megatron(ps, **spec)
         try:
             out[name] = _observe_layout(ps, spec, extras.get(name, ()))
         finally:
@@ -693,8 +677,8 @@ def _world_over_megatron(rank: int, world_size: int) -> Dict[str, Any]:
 
     import mpu_bridge
 
-    ps = _parallel_state()
-    _initialize(ps, dict(pp=2))  # pp 2 x dp 2: no dense group spans the 4 ranks
+    ps = megatron_parallel_state()
+    initialize_megatron(ps, pp=2)  # pp 2 x dp 2: no dense group spans the 4 ranks
     bridge = mpu_bridge.attach(ps)
     pgs_before = _pg_count()
     world = bridge.world()

@@ -38,12 +38,12 @@ import importlib.util
 import os
 import queue as queue_module
 import time
-import warnings
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import pytest
 
 import _multiproc
+from _megatron import initialize_megatron, megatron_parallel_state
 from _multiproc import RanksTimeout, run_ranks
 
 WORLD_SIZE = 4
@@ -151,21 +151,8 @@ def _setup_faults_world(rank: int, world_size: int) -> Dict[str, Any]:
     return observed
 
 
-def _parallel_state() -> Any:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        from megatron.core import parallel_state
-
-    return parallel_state
 
 
-def _initialize_megatron(ps: Any, tp: int = 1, pp: int = 1, ep: int = 1) -> None:
-    ps.initialize_model_parallel(
-        tensor_model_parallel_size=tp,
-        pipeline_model_parallel_size=pp,
-        expert_model_parallel_size=ep,
-        create_gloo_process_groups=False,
-    )
 
 
 def _reinitialize_torch_distributed(rank: int, world_size: int, generation: int) -> None:
@@ -228,10 +215,10 @@ def _lifecycle_world(rank: int, world_size: int) -> Dict[str, Any]:
 
     import mpu_bridge
 
-    ps = _parallel_state()
+    ps = megatron_parallel_state()
     observed: Dict[str, Any] = {}
 
-    _initialize_megatron(ps, tp=2)
+    initialize_megatron(ps, tp=2)
     first = mpu_bridge.attach(ps, agreement_timeout=GENEROUS_TIMEOUT_S)
     observed["first"] = _groups_observation(first, ps)
     first_legacy = first.as_legacy_mpu()
@@ -245,7 +232,7 @@ def _lifecycle_world(rank: int, world_size: int) -> Dict[str, Any]:
 
     ps.destroy_model_parallel()
     _reinitialize_torch_distributed(rank, world_size, generation=1)
-    _initialize_megatron(ps, tp=2)
+    initialize_megatron(ps, tp=2)
     observed["old_bridge_after_reinit"] = {q: _outcome(getattr(first, q)) for q in _QUERIES}
     observed["old_bridge_after_reinit"]["expert_groups"] = _outcome(lambda: first.expert_groups(2))
     bridge = mpu_bridge.attach(ps, agreement_timeout=GENEROUS_TIMEOUT_S)
@@ -262,7 +249,7 @@ def _lifecycle_world(rank: int, world_size: int) -> Dict[str, Any]:
     }
 
     # 6. ... and come back with other sizes.
-    _initialize_megatron(ps, tp=1, pp=2)
+    initialize_megatron(ps, tp=1, pp=2)
     observed["rebuilt"] = _groups_observation(bridge, ps)
     observed["legacy_after"] = _legacy_observation(legacy)
     observed["rebuilt_bridge_is_same_object"] = legacy.get_data_parallel_group() is bridge.data_parallel().group

@@ -24,11 +24,11 @@ import importlib.util
 import itertools
 import os
 import time
-import warnings
 from typing import Any, Callable, Dict, List, Tuple
 
 import pytest
 
+from _megatron import initialize_megatron, megatron_parallel_state
 from _multiproc import run_ranks
 from mpu_bridge.errors import LayoutError
 from mpu_bridge.layout import plan
@@ -53,23 +53,8 @@ DEADLINE = 600.0
 # ---------------------------------------------------------------------------------------
 
 
-def _ps() -> Any:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        from megatron.core import parallel_state
-
-    return parallel_state
 
 
-def _init(ps: Any, **sizes: Any) -> None:
-    ps.initialize_model_parallel(
-        tensor_model_parallel_size=sizes.get("tp", 1),
-        pipeline_model_parallel_size=sizes.get("pp", 1),
-        context_parallel_size=sizes.get("cp", 1),
-        expert_model_parallel_size=sizes.get("ep", 1),
-        order=sizes.get("order", "tp-cp-ep-dp-pp"),
-        create_gloo_process_groups=False,
-    )
 
 
 def _timed(call: Callable[[], Any]) -> Dict[str, Any]:
@@ -109,13 +94,13 @@ def _align(name: str) -> None:
 def _reinit_world(rank: int, world: int) -> Dict[str, Any]:
     import mpu_bridge
 
-    ps = _ps()
+    ps = megatron_parallel_state()
     obs: Dict[str, Any] = {}
-    _init(ps, tp=2)
+    initialize_megatron(ps, tp=2)
     bridge = mpu_bridge.attach(ps)
     obs["before"] = bridge.tensor_parallel().ranks
     ps.destroy_model_parallel()
-    _init(ps, tp=2, order="dp-tp-cp-ep-pp")
+    initialize_megatron(ps, tp=2, order="dp-tp-cp-ep-pp")
     tp, dp = bridge.tensor_parallel(), bridge.data_parallel()
     obs["after_tp"] = (tp.ranks, tp.borrowed, tp.group is ps.get_tensor_model_parallel_group())
     obs["after_dp"] = (dp.ranks, dp.group is ps.get_data_parallel_group())
@@ -124,10 +109,10 @@ def _reinit_world(rank: int, world: int) -> Dict[str, Any]:
     # A bridge told the default order: after the MPU moves to another order it cannot
     # read the MPU, and must refuse every call, every time, until it can again.
     ps.destroy_model_parallel()
-    _init(ps, tp=2)
+    initialize_megatron(ps, tp=2)
     forced = mpu_bridge.attach(ps, order="tp-cp-ep-dp-pp")
     ps.destroy_model_parallel()
-    _init(ps, tp=2, order="dp-tp-cp-ep-pp")
+    initialize_megatron(ps, tp=2, order="dp-tp-cp-ep-pp")
     obs["refused"] = [
         _timed(lambda: forced.tensor_parallel().ranks),
         _timed(lambda: forced.tensor_parallel().ranks),
@@ -135,7 +120,7 @@ def _reinit_world(rank: int, world: int) -> Dict[str, Any]:
         _timed(lambda: forced.ranks("data_parallel")),
     ]
     ps.destroy_model_parallel()
-    _init(ps, tp=2)
+    initialize_megatron(ps, tp=2)
     tp = forced.tensor_parallel()
     obs["readable_again"] = (tp.ranks, tp.group is ps.get_tensor_model_parallel_group())
     forced.close()
@@ -230,11 +215,11 @@ def _orders_seen_by(rank: int, cases: List[Tuple[Dict[str, int], str]]) -> List[
 
     import mpu_bridge
 
-    ps = _ps()
+    ps = megatron_parallel_state()
     out = []
     with fake_world(8, rank):
         for sizes, order in cases:
-            _init(ps, order=order, **sizes)
+            initialize_megatron(ps, order=order, **sizes)
             try:
                 bridge = mpu_bridge.attach(ps)
                 layout = bridge.layout
@@ -311,7 +296,7 @@ def _recover(bridge: Any, name: str) -> Dict[str, Any]:
 
     _align(f"{name}/recover")
     same = _timed(lambda: _sum(bridge.zero_param_groups(2).group))
-    fresh = mpu_bridge.attach(_ps(), agreement_timeout=T)
+    fresh = mpu_bridge.attach(megatron_parallel_state(), agreement_timeout=T)
     new = _timed(lambda: _sum(fresh.expert_groups(2).expert_parallel.group))
     fresh.close()
     return {"same": same, "new": new}
@@ -320,8 +305,8 @@ def _recover(bridge: Any, name: str) -> Dict[str, Any]:
 def _fault_world(rank: int, world: int) -> Dict[str, Any]:
     import mpu_bridge
 
-    ps = _ps()
-    _init(ps, ep=2)  # tp 1: EP [0, 1] [2, 3], EDP [0, 2] [1, 3]; the world group is megatron's too
+    ps = megatron_parallel_state()
+    initialize_megatron(ps, ep=2)  # tp 1: EP [0, 1] [2, 3], EDP [0, 2] [1, 3]; the world group is megatron's too
     obs: Dict[str, Any] = {}
 
     def scenario(name: str, calls: Callable[[Any], Any]) -> None:

@@ -20,11 +20,11 @@ gradients.
 from __future__ import annotations
 
 import importlib.util
-import warnings
 from typing import Any, Dict, List, Tuple
 
 import pytest
 
+from _megatron import initialize_megatron, megatron_parallel_state
 from _multiproc import run_ranks
 from mpu_bridge import partitions
 from mpu_bridge.layout import plan
@@ -54,24 +54,8 @@ LAYOUTS: Dict[str, Dict[str, Any]] = {
 # ---------------------------------------------------------------------------------------
 
 
-def _parallel_state() -> Any:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        from megatron.core import parallel_state
-
-    return parallel_state
 
 
-def _initialize(ps: Any, spec: Dict[str, Any]) -> None:
-    ps.initialize_model_parallel(
-        tensor_model_parallel_size=spec.get("tp", 1),
-        pipeline_model_parallel_size=spec.get("pp", 1),
-        context_parallel_size=spec.get("cp", 1),
-        expert_model_parallel_size=spec.get("ep", 1),
-        expert_tensor_parallel_size=spec.get("etp"),
-        order=spec.get("order", DEFAULT_ORDER),
-        create_gloo_process_groups=False,
-    )
 
 
 def _standalone(spec: Dict[str, Any]) -> Any:
@@ -117,9 +101,9 @@ def _one_layout(spec: Dict[str, Any]) -> Dict[str, Any]:
 
     import mpu_bridge
 
-    ps = _parallel_state()
+    ps = megatron_parallel_state()
     obs: Dict[str, Any] = {}
-    _initialize(ps, spec)
+    initialize_megatron(ps, **spec)
     reference = _fields(ProcessGroupCollection.use_mpu_process_groups())
     obs["megatron"] = {f: _describe(g) for f, g in reference.items()}
 
@@ -194,8 +178,8 @@ def _gpt_step(pgc: Any) -> Tuple[float, List[float]]:
 def _consumer() -> Dict[str, Any]:
     from megatron.core.process_groups_config import ProcessGroupCollection
 
-    ps = _parallel_state()
-    _initialize(ps, dict(tp=2))
+    ps = megatron_parallel_state()
+    initialize_megatron(ps, tp=2)
     reference = _gpt_step(ProcessGroupCollection.use_mpu_process_groups())
     ps.destroy_model_parallel()
     bridge = _standalone(dict(tp=2))

@@ -273,11 +273,14 @@ class MpuReader:
         self._table = NAME_TABLES[self.flavour]
         self._aliases = ALIASES[self.flavour]
         self._memo: Optional[Dict[Tuple[str, Tuple[Tuple[str, Any], ...]], Tuple[bool, Any, str]]] = None
+        # Inside a snapshot: (dim, query) -> (resolved, (answer, source) or the _Failure).
+        self._resolved: Optional[Dict[Tuple[str, str], Tuple[bool, Any]]] = None
         logger.debug("reading MPU %r as flavour %s", mpu, self.flavour)
 
     @contextlib.contextmanager
     def snapshot(self) -> Iterator["MpuReader"]:
-        """Within the block, each MPU getter is called once and its answer reused.
+        """Within the block, each MPU getter is called once and each query resolved once,
+        and the answers reused.
 
         For reading many answers from an MPU that does not change meanwhile (the
         bridge's attach). Nests; answers are forgotten when the outermost block ends.
@@ -285,12 +288,12 @@ class MpuReader:
         """
         outer = self._memo
         if outer is None:
-            self._memo = {}
+            self._memo, self._resolved = {}, {}
         try:
             yield self
         finally:
             if outer is None:
-                self._memo = None
+                self._memo = self._resolved = None
 
     def __repr__(self) -> str:
         return f"MpuReader(flavour={self.flavour!r}, mpu={self.mpu!r})"
@@ -433,16 +436,15 @@ class MpuReader:
     def _resolve(self, dim: str, query: str, seen: Tuple[str, ...]) -> Tuple[Any, str]:
         """(answer, source) of ``query`` for ``dim``; raises _Failure. Inside a snapshot,
         a top-level resolution is made once (its answer, or its failure, reused)."""
-        memo = self._memo
-        if seen or memo is None:
+        resolved = self._resolved
+        if seen or resolved is None:
             return self._resolve_now(dim, query, seen)
-        key: Any = ("resolved", dim, query)
-        if key not in memo:
+        if (dim, query) not in resolved:
             try:
-                memo[key] = (True, self._resolve_now(dim, query, seen), "")
+                resolved[dim, query] = (True, self._resolve_now(dim, query, seen))
             except _Failure as failure:
-                memo[key] = (False, failure, "")
-        ok, result, _ = memo[key]
+                resolved[dim, query] = (False, failure)
+        ok, result = resolved[dim, query]
         if not ok:
             raise result
         return result
