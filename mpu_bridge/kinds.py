@@ -14,6 +14,17 @@ Example::
 
     >>> KIND_BY_DIM["sdp"].name, KIND_BY_DIM["sdp"].method
     ('dp-cp', 'sequence_data_parallel')
+
+megatron-core 0.19's Generalized Tensor Parallelism adds the grid token
+``gtp_remat`` (:data:`GTP`): it is a model-parallel axis (``mp``, ``tp-dp`` and
+``tp-dp-cp`` span it, as megatron-core's groups do), while ``dp`` / ``edp`` stay the
+*replicate* groups that gradient reduction and ZeRO use; the data-*distribution*
+groups that also span it are their own kinds (``gtp-dp``, ``gtp-dp-cp``,
+``egtp-edp``). Rows with ``listed="gtp"`` appear in a layout's listing only when
+their grid's GTP size is above 1. Rows with ``listed="ag"`` are megatron-core 0.18's
+all-gather twins (``dp_cp_ag``, ``expt_dp_ag``): the same ranks as ``dp-cp`` /
+``edp`` but, deliberately, a communicator of their own (``twin_of``), the one
+exception to "one communicator per rank set".
 """
 
 from __future__ import annotations
@@ -22,7 +33,14 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Mapping, Optional, Tuple
 
-__all__ = ["Kind", "KIND_TABLE", "KINDS", "KIND_BY_DIM", "KIND_BY_METHOD", "kind_named"]
+__all__ = ["GTP", "Kind", "KIND_TABLE", "KINDS", "KIND_BY_DIM", "KIND_BY_METHOD", "LISTED", "kind_named"]
+
+#: megatron-core 0.19's Generalized Tensor Parallelism grid token (weight rematerialisation).
+GTP = "gtp_remat"
+
+#: When a row appears in a layout's listing: always, only with a GTP size above 1, or
+#: never (an all-gather twin: same ranks as ``twin_of``, its own communicator).
+LISTED = ("always", "gtp", "ag")
 
 
 @dataclass(frozen=True)
@@ -43,6 +61,8 @@ class Kind:
     legacy: Tuple[str, ...] = ()
     pg_field: Optional[str] = None
     mesh_dim: Optional[str] = None
+    listed: str = "always"
+    twin_of: Optional[str] = None
 
 
 KIND_TABLE: Tuple[Kind, ...] = (
@@ -57,10 +77,10 @@ KIND_TABLE: Tuple[Kind, ...] = (
     Kind("dp-cp", "dense", ("dp", "cp"), "data x context parallel", "sdp", "sequence_data_parallel",
          ("sequence_data_parallel",), "dp_cp", "dp_cp"),
     Kind("tp-cp", "dense", ("tp", "cp"), "tensor x context parallel", "tp-cp", pg_field="tp_cp", mesh_dim="tp_cp"),
-    Kind("tp-dp", "dense", ("tp", "dp"), "tensor x data parallel", "tp-dp", mesh_dim="tp_dp"),
-    Kind("tp-dp-cp", "dense", ("tp", "dp", "cp"), "tensor x data x context parallel", "tp-dp-cp",
+    Kind("tp-dp", "dense", ("tp", GTP, "dp"), "tensor x data parallel", "tp-dp", mesh_dim="tp_dp"),
+    Kind("tp-dp-cp", "dense", ("tp", GTP, "dp", "cp"), "tensor x data x context parallel", "tp-dp-cp",
          pg_field="tp_dp_cp", mesh_dim="tp_dp_cp"),
-    Kind("mp", "dense", ("tp", "pp"), "model parallel (tensor x pipeline)", "mp", "model_parallel",
+    Kind("mp", "dense", ("tp", GTP, "pp"), "model parallel (tensor x pipeline)", "mp", "model_parallel",
          ("model_parallel",), "mp", "mp"),
     Kind("ep", "expert", ("ep",), "expert parallel", "ep", "expert_parallel", (), "ep", "ep"),
     Kind("etp", "expert", ("tp",), "expert tensor parallel", "etp", "expert_tensor_parallel", (),
@@ -71,6 +91,24 @@ KIND_TABLE: Tuple[Kind, ...] = (
          mesh_dim="etp_ep"),
     Kind("etp-ep-pp", "expert", ("tp", "ep", "pp"), "expert tensor x expert x pipeline parallel",
          "etp-ep-pp", pg_field="tp_ep_pp", mesh_dim="etp_ep_pp"),
+    # megatron-core 0.19: Generalized Tensor Parallelism (listed only with a GTP size above 1)
+    Kind("gtp", "dense", (GTP,), "generalized tensor parallel (weight remat)", "gtp",
+         pg_field="gtp_remat", mesh_dim="gtp", listed="gtp"),
+    Kind("gtp-dp", "dense", (GTP, "dp"), "data distribution (gtp x data parallel)", "gtp-dp",
+         mesh_dim="gtp_dp", listed="gtp"),
+    Kind("gtp-dp-cp", "dense", (GTP, "dp", "cp"), "data distribution with context (gtp x data x context)",
+         "gtp-dp-cp", pg_field="dp_cp_gtp_remat", mesh_dim="gtp_dp_cp", listed="gtp"),
+    Kind("egtp", "expert", (GTP,), "expert generalized tensor parallel", "egtp",
+         pg_field="expt_gtp_remat", mesh_dim="egtp", listed="gtp"),
+    Kind("egtp-edp", "expert", (GTP, "dp"), "expert data distribution (egtp x expert data)", "egtp-edp",
+         pg_field="expt_dp_gtp_remat", mesh_dim="egtp_edp", listed="gtp"),
+    Kind("etp-ep-egtp-pp", "expert", ("tp", "ep", GTP, "pp"), "expert model parallel with egtp",
+         "etp-ep-egtp-pp", pg_field="tp_ep_pp_with_egtp_remat", mesh_dim="etp_ep_egtp_pp", listed="gtp"),
+    # megatron-core 0.18: all-gather twins, a communicator of their own over the same ranks
+    Kind("dp-cp-ag", "dense", ("dp", "cp"), "all-gather twin of data x context parallel", "dp-cp-ag",
+         pg_field="dp_cp_ag", listed="ag", twin_of="dp-cp"),
+    Kind("edp-ag", "expert", ("dp",), "all-gather twin of expert data parallel", "edp-ag",
+         pg_field="expt_dp_ag", listed="ag", twin_of="edp"),
 )
 
 #: Kind name -> row, in table order.

@@ -13,7 +13,13 @@ Semantics (megatron-core's ``RankGenerator``):
 * the *dense* grid has sizes tp, cp, dp, pp (ep = 1);
 * the *expert* grid has sizes etp (default tp), ep, edp = world / (etp·ep·pp),
   pp (cp = 1: context parallelism folds into expert data parallelism), read
-  through the same order string.
+  through the same order string;
+* megatron-core 0.19's Generalized Tensor Parallelism adds a ``gtp_remat`` axis
+  (size ``gtp_remat`` in the dense grid, ``expert_gtp_remat`` in the expert grid).
+  Unless the order string names it, it goes right after ``tp`` in the dense grid
+  and right after ``ep`` in the expert grid, as megatron-core injects it; it is a
+  model-parallel axis, so dp = world / (tp·gtp_remat·cp·pp) is the *replicate*
+  degree. At size 1 (the default, and every release before 0.19) it changes nothing.
 
 Example::
 
@@ -40,6 +46,8 @@ from .validate import integer, optional_bool, optional_count, positive_int
 __all__ = [
     "DEFAULT_ORDER",
     "TOKENS",
+    "GTP",
+    "ORDER_TOKENS",
     "KINDS",
     "KindSpec",
     "RankGrid",
@@ -47,10 +55,17 @@ __all__ = [
     "Layout",
     "plan",
     "expert_order",
+    "inject_gtp",
 ]
 
-#: The dimension tokens an order string may name.
+#: The dimension tokens of megatron-core's order string (every release).
 TOKENS: Tuple[str, ...] = ("tp", "cp", "ep", "dp", "pp")
+
+#: megatron-core 0.19's Generalized Tensor Parallelism axis (weight rematerialisation).
+GTP = "gtp_remat"
+
+#: Every token an order string may name: :data:`TOKENS` and the GTP axis.
+ORDER_TOKENS: Tuple[str, ...] = TOKENS + (GTP,)
 
 #: megatron-core's default order: tensor fastest, pipeline slowest.
 DEFAULT_ORDER = "tp-cp-ep-dp-pp"
@@ -61,6 +76,7 @@ _TOKEN_NAMES = {
     "ep": "expert-parallel",
     "dp": "data-parallel",
     "pp": "pipeline-parallel",
+    GTP: "generalized tensor-parallel (gtp_remat)",
 }
 
 
@@ -85,17 +101,32 @@ def _parse_order(order: Any) -> Tuple[str, ...]:
     tokens = tuple(order.strip().lower().split("-"))
     seen = set()
     for token in tokens:
-        if token not in TOKENS:
+        if token not in ORDER_TOKENS:
             raise LayoutError(
                 f"order {order!r} has unknown token {token!r}; "
-                f"known tokens are {', '.join(TOKENS)} (joined by '-', e.g. {DEFAULT_ORDER!r})"
+                f"known tokens are {', '.join(ORDER_TOKENS)} (joined by '-', e.g. {DEFAULT_ORDER!r})"
             )
         if token in seen:
             raise LayoutError(
-                f"order {order!r} names {token!r} twice; name each of {', '.join(TOKENS)} at most once"
+                f"order {order!r} names {token!r} twice; name each of {', '.join(ORDER_TOKENS)} at most once"
             )
         seen.add(token)
     return tokens
+
+
+def inject_gtp(order: str, after: str) -> str:
+    """``order`` with the GTP axis placed as megatron-core 0.19 places it: kept where the
+    order names it, else right after ``after`` (``"tp"`` for the dense grid, ``"ep"`` for
+    the expert grid; ``"tp"`` when ``after`` is absent; first when both are).
+
+    Example: ``inject_gtp("tp-cp-ep-dp-pp", "ep") == "tp-cp-ep-gtp_remat-dp-pp"``.
+    """
+    tokens = list(_parse_order(order))
+    if GTP in tokens:
+        return "-".join(tokens)
+    anchor = after if after in tokens else "tp"
+    tokens.insert(tokens.index(anchor) + 1 if anchor in tokens else 0, GTP)
+    return "-".join(tokens)
 
 
 def _products(values: Tuple[int, ...]) -> Tuple[int, ...]:
@@ -199,6 +230,7 @@ class RankGrid:
         ep: int = 1,
         dp: int = 1,
         pp: int = 1,
+        gtp_remat: int = 1,
         order: str = DEFAULT_ORDER,
         names: Optional[Mapping[str, str]] = None,
     ) -> "RankGrid":
@@ -208,7 +240,7 @@ class RankGrid:
         calls its ``tp`` token ``etp``).
         """
         names = dict(names or {})
-        raw = {"tp": tp, "cp": cp, "ep": ep, "dp": dp, "pp": pp}
+        raw = {"tp": tp, "cp": cp, "ep": ep, "dp": dp, "pp": pp, GTP: gtp_remat}
         sizes = {t: _positive_int(names.get(t, t), v) for t, v in raw.items()}
         if sizes["ep"] > 1 and sizes["cp"] > 1:
             raise LayoutError(
@@ -217,13 +249,14 @@ class RankGrid:
                 "use plan(..., cp=..., ep=...), which builds both grids"
             )
         tokens = _parse_order(order)
-        for token in TOKENS:
+        for token in ORDER_TOKENS:
             if token not in tokens and sizes[token] != 1:
                 label = names.get(token, token)
                 raise LayoutError(
                     f"order {order!r} does not name {token!r}, but the {_TOKEN_NAMES[token]} size "
                     f"{label} = {sizes[token]}; add {token!r} to the order (default {DEFAULT_ORDER!r})"
                 )
+        # The GTP axis stays out of a grid whose order does not name it (its size is 1 then).
         full = tokens + tuple(t for t in TOKENS if t not in tokens)
         return cls(order=full, sizes=tuple(sizes[t] for t in full))
 
@@ -232,10 +265,16 @@ class RankGrid:
         return math.prod(self.sizes)
 
     def size_of(self, token: str) -> int:
-        return self.sizes[self.order.index(_check_token(token))]
+        """The size of ``token``'s dimension (1 for the GTP axis when the grid has none)."""
+        if _check_token(token) not in self.order:
+            return 1
+        return self.sizes[self.order.index(token)]
 
     def stride_of(self, token: str) -> int:
-        return self.strides[self.order.index(_check_token(token))]
+        """The stride of ``token``'s dimension (the world size for an absent GTP axis)."""
+        if _check_token(token) not in self.order:
+            return self.world_size
+        return self.strides[self.order.index(token)]
 
     def geometry(self, tokens: Tuple[str, ...]) -> _Geometry:
         return _geometry(self, _check_tokens(tokens))
@@ -257,8 +296,8 @@ class RankGrid:
 
 
 def _check_token(token: Any) -> str:
-    if not isinstance(token, str) or token not in TOKENS:
-        raise LayoutError(f"unknown dimension token {token!r}; known tokens: {', '.join(TOKENS)}")
+    if not isinstance(token, str) or token not in ORDER_TOKENS:
+        raise LayoutError(f"unknown dimension token {token!r}; known tokens: {', '.join(ORDER_TOKENS)}")
     return token
 
 
@@ -307,11 +346,17 @@ def _geometry(grid: RankGrid, tokens: frozenset) -> _Geometry:
 class ParallelConfig:
     """Validated parallel sizes. ``dp`` and ``edp`` are derived; ``etp`` defaults to ``tp``.
 
+    ``gtp_remat`` / ``expert_gtp_remat`` are megatron-core 0.19's Generalized Tensor
+    Parallelism sizes (dense and expert grid, independent, default 1): model-parallel
+    axes, so ``dp`` and ``edp`` are the replicate degrees.
+
     Example::
 
         >>> cfg = ParallelConfig(64, tp=2, pp=2, ep=4)
         >>> (cfg.dp, cfg.edp)
         (16, 4)
+        >>> ParallelConfig(8, tp=2, gtp_remat=2).dp
+        2
     """
 
     world_size: int
@@ -322,6 +367,8 @@ class ParallelConfig:
     etp: Optional[int] = None
     order: str = DEFAULT_ORDER
     gpus_per_node: Optional[int] = None
+    gtp_remat: int = 1
+    expert_gtp_remat: int = 1
 
     def __post_init__(self) -> None:
         set_ = functools.partial(object.__setattr__, self)
@@ -331,6 +378,8 @@ class ParallelConfig:
         cp = _positive_int("cp", self.cp)
         ep = _positive_int("ep", self.ep)
         etp = tp if self.etp is None else _positive_int("etp", self.etp)
+        gtp = _positive_int("gtp_remat", self.gtp_remat)
+        egtp = _positive_int("expert_gtp_remat", self.expert_gtp_remat)
         _parse_order(self.order)
         set_("world_size", world)
         set_("tp", tp)
@@ -338,22 +387,28 @@ class ParallelConfig:
         set_("cp", cp)
         set_("ep", ep)
         set_("etp", etp)
+        set_("gtp_remat", gtp)
+        set_("expert_gtp_remat", egtp)
         set_("order", self.order.strip().lower())
 
-        dense = tp * pp * cp
+        dense = tp * pp * cp * gtp
         if world % dense:
+            with_gtp = f", gtp_remat={gtp}" if gtp > 1 else ""
+            product = "tp·pp·cp·gtp_remat" if gtp > 1 else "tp·pp·cp"
             raise LayoutError(
-                f"world size {world} is not divisible by tp·pp·cp = {dense} "
-                f"(tp={tp}, pp={pp}, cp={cp}); choose sizes whose product divides the world"
+                f"world size {world} is not divisible by {product} = {dense} "
+                f"(tp={tp}, pp={pp}, cp={cp}{with_gtp}); choose sizes whose product divides the world"
             )
-        expert = etp * ep * pp
+        expert = etp * ep * pp * egtp
         if world % expert:
             hint = ""
-            if etp == tp:
+            if etp == tp and egtp == 1 and gtp == 1:
                 hint = f"; equivalently dp·cp = {world // (tp * pp)} is not divisible by ep = {ep}"
+            with_egtp = f", expert_gtp_remat={egtp}" if egtp > 1 else ""
+            product = "etp·ep·pp·expert_gtp_remat" if egtp > 1 else "etp·ep·pp"
             raise LayoutError(
-                f"world size {world} is not divisible by etp·ep·pp = {expert} "
-                f"(etp={etp}, ep={ep}, pp={pp}){hint}; choose an ep (or etp) that divides it"
+                f"world size {world} is not divisible by {product} = {expert} "
+                f"(etp={etp}, ep={ep}, pp={pp}{with_egtp}){hint}; choose an ep (or etp) that divides it"
             )
         if self.gpus_per_node is not None:
             gpn = _positive_int("gpus_per_node", self.gpus_per_node)
@@ -372,13 +427,25 @@ class ParallelConfig:
 
     @property
     def dp(self) -> int:
-        """Data-parallel size: world / (tp·pp·cp)."""
-        return self.world_size // (self.tp * self.pp * self.cp)
+        """Data-parallel (replicate) size: world / (tp·pp·cp·gtp_remat)."""
+        return self.world_size // (self.tp * self.pp * self.cp * self.gtp_remat)
 
     @property
     def edp(self) -> int:
-        """Expert data-parallel size: world / (etp·ep·pp)."""
-        return self.world_size // (self.etp * self.ep * self.pp)  # type: ignore[operator]
+        """Expert data-parallel (replicate) size: world / (etp·ep·pp·expert_gtp_remat)."""
+        return self.world_size // (self.etp * self.ep * self.pp * self.expert_gtp_remat)  # type: ignore[operator]
+
+    def grid_order(self, grid: str) -> str:
+        """The order string one grid is read through: :attr:`order` with the GTP axis
+        injected where megatron-core 0.19 puts it (see :func:`inject_gtp`) when the grid's
+        GTP size is above 1 or the order names the axis; else :attr:`order` itself.
+
+        Example: ``ParallelConfig(8, tp=2, gtp_remat=2).grid_order("dense") == "tp-gtp_remat-cp-ep-dp-pp"``.
+        """
+        size = self.gtp_remat if grid == "dense" else self.expert_gtp_remat
+        if size == 1 and GTP not in self.order.split("-"):
+            return self.order
+        return inject_gtp(self.order, "tp" if grid == "dense" else "ep")
 
     def to_dict(self) -> Dict[str, Any]:
         return {
@@ -392,6 +459,8 @@ class ParallelConfig:
             "edp": self.edp,
             "order": self.order,
             "gpus_per_node": self.gpus_per_node,
+            "gtp_remat": self.gtp_remat,
+            "expert_gtp_remat": self.expert_gtp_remat,
         }
 
 
@@ -417,15 +486,18 @@ class Layout:
                 f"Layout needs a ParallelConfig, got {c!r} ({type(c).__name__}); "
                 "use plan(world_size, tp=..., ...) to build a layout from sizes"
             )
-        dense = RankGrid.build(tp=c.tp, cp=c.cp, ep=1, dp=c.dp, pp=c.pp, order=c.order)
+        dense = RankGrid.build(
+            tp=c.tp, cp=c.cp, ep=1, dp=c.dp, pp=c.pp, gtp_remat=c.gtp_remat, order=c.grid_order("dense")
+        )
         expert = RankGrid.build(
             tp=c.etp,  # type: ignore[arg-type]
             cp=1,
             ep=c.ep,
             dp=c.edp,
             pp=c.pp,
-            order=c.order,
-            names={"tp": "etp", "dp": "edp"},
+            gtp_remat=c.expert_gtp_remat,
+            order=c.grid_order("expert"),
+            names={"tp": "etp", "dp": "edp", GTP: "expert_gtp_remat"},
         )
         if c.pp > 1 and dense.stride_of("pp") != expert.stride_of("pp"):
             raise LayoutError(
@@ -445,8 +517,14 @@ class Layout:
 
     @property
     def kinds(self) -> Tuple[str, ...]:
-        """Every kind this layout answers, in a fixed order."""
-        return tuple(KINDS)
+        """The kinds this layout lists, in a fixed order: every kind of the table except the
+        all-gather twins, and the GTP kinds only when their grid's GTP size is above 1
+        (:meth:`groups` and the other queries answer every kind of the table)."""
+        c = self.config
+        gtp = {"dense": c.gtp_remat > 1, "expert": c.expert_gtp_remat > 1}
+        return tuple(
+            name for name, k in KINDS.items() if k.listed == "always" or (k.listed == "gtp" and gtp[k.grid])
+        )
 
     def spec(self, kind: str) -> KindSpec:
         try:
@@ -630,6 +708,8 @@ def plan(
     etp: Optional[int] = None,
     order: str = DEFAULT_ORDER,
     gpus_per_node: Optional[int] = None,
+    gtp_remat: int = 1,
+    expert_gtp_remat: int = 1,
 ) -> Layout:
     """Validate the sizes and return the :class:`Layout` of every group kind.
 
@@ -650,6 +730,8 @@ def plan(
         etp=etp,
         order=order,
         gpus_per_node=gpus_per_node,
+        gtp_remat=gtp_remat,
+        expert_gtp_remat=expert_gtp_remat,
     )
     return Layout(config)
 

@@ -33,7 +33,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 ALL_KINDS_LISTED = (
     "known kinds: tp, cp, dp, pp, dp-cp, tp-cp, tp-dp, tp-dp-cp, mp, "
-    "ep, etp, edp, etp-ep, etp-ep-pp"
+    "ep, etp, edp, etp-ep, etp-ep-pp, gtp, gtp-dp, gtp-dp-cp, egtp, egtp-edp, etp-ep-egtp-pp, "
+    "dp-cp-ag, edp-ag"
 )
 
 

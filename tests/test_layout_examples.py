@@ -266,8 +266,16 @@ def layout_of(name: str):
 
 
 def test_kinds_are_the_fourteen_megatron_groups_in_a_fixed_order():
-    assert tuple(KINDS) == ALL_KINDS
+    assert tuple(KINDS)[: len(ALL_KINDS)] == ALL_KINDS
     assert plan(8).kinds == ALL_KINDS
+
+
+def test_the_gtp_kinds_and_all_gather_twins_follow_the_fourteen_and_are_listed_only_when_active():
+    assert tuple(KINDS)[len(ALL_KINDS):] == (
+        "gtp", "gtp-dp", "gtp-dp-cp", "egtp", "egtp-edp", "etp-ep-egtp-pp", "dp-cp-ag", "edp-ag"
+    )
+    assert plan(8, tp=2, gtp_remat=2).kinds == ALL_KINDS + ("gtp", "gtp-dp", "gtp-dp-cp")
+    assert plan(8, ep=2, expert_gtp_remat=2).kinds == ALL_KINDS + ("egtp", "egtp-edp", "etp-ep-egtp-pp")
 
 
 @pytest.mark.parametrize("name", list(EXAMPLES))
@@ -424,7 +432,7 @@ def test_to_dict_lists_the_config_with_derived_sizes():
     described = plan(16, tp=2, ep=4).to_dict()
     assert described["config"] == {
         "world_size": 16, "tp": 2, "pp": 1, "cp": 1, "ep": 4, "etp": 2, "dp": 8, "edp": 2,
-        "order": "tp-cp-ep-dp-pp", "gpus_per_node": None,
+        "order": "tp-cp-ep-dp-pp", "gpus_per_node": None, "gtp_remat": 1, "expert_gtp_remat": 1,
     }
 
 
