@@ -38,7 +38,7 @@ import sys
 import warnings
 from typing import Any, Dict, List, Optional, Tuple
 
-RELEVANT = re.compile(r"^get_.*(parallel|rank|group)")
+RELEVANT = re.compile(r"^get_.*(parallel|rank|group|remat)")
 
 _WITH_CP = {"with_context_parallel": True}
 
@@ -66,7 +66,8 @@ def _with_cp_variant(table: Dict[str, List[Dict[str, Any]]], prefix: str, dim: s
 
 
 def megatron_core_meanings() -> Dict[str, List[Dict[str, Any]]]:
-    """What megatron-core's parallel_state names answer (all releases 0.4 ... 0.16)."""
+    """What megatron-core's parallel_state names answer (all releases 0.4 ... 0.18; 0.19's
+    GTP changes are applied by :func:`megatron_core_meanings_for`)."""
     table: Dict[str, List[Dict[str, Any]]] = {}
     table.update(_trio("get_tensor_model_parallel", "tp"))
     table.update(_trio("get_pipeline_model_parallel", "pp"))
@@ -103,7 +104,40 @@ def megatron_core_meanings_for(module: Any) -> Dict[str, List[Dict[str, Any]]]:
         for query in ("world_size", "rank", "group"):
             for answer in table[f"get_data_modulo_expert_parallel_{query}"]:
                 answer.pop("requires", None)
+    if "with_gtp_remat" in _params_names(getattr(module, "get_data_parallel_group", None)):
+        _gtp_meanings(table)
     return table
+
+
+def _params_names(func: Any) -> List[str]:
+    try:
+        return list(inspect.signature(func).parameters)
+    except (TypeError, ValueError):
+        return []
+
+
+def _gtp_meanings(table: Dict[str, List[Dict[str, Any]]]) -> None:
+    """megatron-core 0.19 (Generalized Tensor Parallelism): the data-parallel getters answer
+    the data-*distribution* groups by default (with_gtp_remat=True, spanning gtp_remat);
+    with_gtp_remat=False gives the replicate groups (dp, sdp, edp)."""
+    replicate = {"with_gtp_remat": False}
+    for query in ("world_size", "rank", "group"):
+        table[f"get_data_parallel_{query}"] = _answers(
+            ("gtp-dp", query, None, None),
+            ("dp", query, replicate, None),
+            ("gtp-dp-cp", query, _WITH_CP, None),
+            ("sdp", query, {**_WITH_CP, **replicate}, None),
+        )
+        table[f"get_expert_data_parallel_{query}"] = _answers(
+            ("egtp-edp", query, None, None), ("edp", query, replicate, None)
+        )
+    table.update(_trio("get_gtp_weight_remat", "gtp"))
+    table["get_gtp_weight_remat_global_ranks"] = _answers(("gtp", "ranks", None, None))
+    table.update(_trio("get_expert_gtp_weight_remat", "egtp"))
+    table["get_expert_gtp_weight_remat_global_ranks"] = _answers(("egtp", "ranks", None, None))
+    table["get_expert_tensor_model_pipeline_parallel_group"] = _answers(
+        ("etp-ep-pp", "group", None, None), ("etp-ep-egtp-pp", "group", {"with_egtp_remat": True}, None)
+    )
 
 
 def deepspeed_grid_meanings() -> Dict[str, List[Dict[str, Any]]]:

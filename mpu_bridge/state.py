@@ -29,6 +29,7 @@ from .kinds import KIND_BY_DIM, KINDS, kind_named
 from .layout import DEFAULT_ORDER, Layout, plan
 from .mpu import MpuReader, check_is_mpu
 from .mpu.order import infer_order
+from .mpu.names import ALL_DIMENSIONS
 from .registry import GroupRegistry
 from .validate import positive_int
 
@@ -216,7 +217,7 @@ def _layout_from_mpu(reader: MpuReader, world_size: int, rank: int, given: Optio
     order = given or sizes.order or infer_order(world_size, {}, own)
     try:
         layout = plan(world_size, tp=sizes.tp, pp=sizes.pp, cp=sizes.cp, ep=sizes.ep or 1, etp=sizes.etp,
-                      order=order)
+                      order=order, gtp_remat=sizes.gtp, expert_gtp_remat=sizes.egtp)
     except LayoutError as exc:
         raise MpuError(f"the MPU's sizes and order {order!r} do not form a Megatron layout: {exc}") from None
     wrong = _mismatching_dims(reader, layout, rank)
@@ -231,8 +232,9 @@ def _layout_from_mpu(reader: MpuReader, world_size: int, rank: int, given: Optio
 
 
 def _answers(reader: MpuReader, dim: str) -> bool:
-    """Whether the MPU gives both the group and its ranks for ``dim`` (expert dims only with ep > 1)."""
-    if dim in _EXPERT_DIMS and not reader.sizes().ep:
+    """Whether the MPU gives both the group and its ranks for ``dim`` (expert dims only with ep > 1;
+    never the all-gather twins, which no MPU holds)."""
+    if dim not in ALL_DIMENSIONS or (dim in _EXPERT_DIMS and not reader.sizes().ep):
         return False
     return reader.has(dim, "group") and reader.has(dim, "ranks")
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import warnings
 from pathlib import Path
 from typing import Any, Dict, List
@@ -34,6 +35,33 @@ LAYOUTS_8 = [
     dict(tp=2, cp=2, pp=2, ep=2, etp=1),
     dict(tp=2, ep=4, etp=1),
 ]
+#: Generalized Tensor Parallelism layouts, where the installed megatron-core has it (0.19).
+GTP_LAYOUTS_4 = [dict(tp=2, gtp_remat=2), dict(ep=2, expert_gtp_remat=2)]
+GTP_LAYOUTS_8 = [
+    dict(tp=2, gtp_remat=2, pp=2),
+    dict(tp=2, gtp_remat=2, ep=2, etp=1, expert_gtp_remat=2),
+    dict(gtp_remat=2, cp=2, ep=2, expert_gtp_remat=2),
+]
+
+
+def _has_gtp() -> bool:
+    import inspect
+
+    return "gtp_remat_size" in inspect.signature(_import_parallel_state().initialize_model_parallel).parameters
+
+
+def _megatron_gtp(ps, of) -> Dict[str, tuple]:
+    """megatron-core 0.19's own GTP answers; the data-distribution groups are its default."""
+    return {
+        "gtp": (ps.get_gtp_weight_remat_world_size(), ps.get_gtp_weight_remat_rank(),
+                list(ps.get_gtp_weight_remat_global_ranks())),
+        "egtp": (ps.get_expert_gtp_weight_remat_world_size(), ps.get_expert_gtp_weight_remat_rank(),
+                 list(ps.get_expert_gtp_weight_remat_global_ranks())),
+        "gtp-dp": of(ps.get_data_parallel_group()),
+        "gtp-dp-cp": of(ps.get_data_parallel_group(with_context_parallel=True)),
+        "egtp-edp": of(ps.get_expert_data_parallel_group()),
+        "etp-ep-egtp-pp": of(ps.get_expert_tensor_model_pipeline_parallel_group(with_egtp_remat=True)),
+    }
 
 
 def _import_parallel_state():
@@ -51,6 +79,9 @@ def _megatron_direct(ps) -> Dict[str, tuple]:
     def of(group):
         return (dist.get_world_size(group), dist.get_rank(group), dist.get_process_group_ranks(group))
 
+    gtp = _has_gtp()
+    # 0.19: the plain data-parallel getters answer the distribution group; replicate = ours
+    rep: Dict[str, Any] = {"with_gtp_remat": False} if gtp else {}
     direct = {
         "tp": (
             ps.get_tensor_model_parallel_world_size(),
@@ -63,9 +94,9 @@ def _megatron_direct(ps) -> Dict[str, tuple]:
             of(ps.get_pipeline_model_parallel_group())[2],
         ),
         "dp": (
-            ps.get_data_parallel_world_size(),
-            ps.get_data_parallel_rank(),
-            of(ps.get_data_parallel_group())[2],
+            ps.get_data_parallel_world_size(**rep),
+            ps.get_data_parallel_rank(**rep),
+            of(ps.get_data_parallel_group(**rep))[2],
         ),
         "cp": (
             ps.get_context_parallel_world_size(),
@@ -73,9 +104,9 @@ def _megatron_direct(ps) -> Dict[str, tuple]:
             list(ps.get_context_parallel_global_ranks()),
         ),
         "sdp": (
-            ps.get_data_parallel_world_size(with_context_parallel=True),
-            ps.get_data_parallel_rank(with_context_parallel=True),
-            of(ps.get_data_parallel_group(with_context_parallel=True))[2],
+            ps.get_data_parallel_world_size(with_context_parallel=True, **rep),
+            ps.get_data_parallel_rank(with_context_parallel=True, **rep),
+            of(ps.get_data_parallel_group(with_context_parallel=True, **rep))[2],
         ),
         "mp": of(ps.get_model_parallel_group()),
         "ep": (
@@ -84,9 +115,9 @@ def _megatron_direct(ps) -> Dict[str, tuple]:
             of(ps.get_expert_model_parallel_group())[2],
         ),
         "edp": (
-            ps.get_expert_data_parallel_world_size(),
-            ps.get_expert_data_parallel_rank(),
-            of(ps.get_expert_data_parallel_group())[2],
+            ps.get_expert_data_parallel_world_size(**rep),
+            ps.get_expert_data_parallel_rank(**rep),
+            of(ps.get_expert_data_parallel_group(**rep))[2],
         ),
         "etp": (
             ps.get_expert_tensor_parallel_world_size(),
@@ -107,6 +138,8 @@ def _megatron_direct(ps) -> Dict[str, tuple]:
         ),
         "etp-ep-pp": of(ps.get_expert_tensor_model_pipeline_parallel_group()),
     }
+    if gtp:
+        direct.update(_megatron_gtp(ps, of))
     return {dim: (int(size), int(rank), [int(r) for r in ranks]) for dim, (size, rank, ranks) in direct.items()}
 
 
@@ -125,18 +158,21 @@ def _read_megatron_core(rank: int, world_size: int, layouts: List[Dict[str, Any]
             expert_tensor_parallel_size=spec.get("etp"),
             order=spec.get("order", "tp-cp-ep-dp-pp"),
             create_gloo_process_groups=False,
+            **({"gtp_remat_size": spec["gtp_remat"]} if "gtp_remat" in spec else {}),
+            **({"expert_gtp_remat_size": spec["expert_gtp_remat"]} if "expert_gtp_remat" in spec else {}),
         )
         try:
             reader.check_against_world(world_size, rank)
             with pytest.raises(MpuError) as wrong_world:
                 reader.check_against_world(2 * world_size, rank)
+            megatron = _megatron_direct(ps)
             out["layouts"].append(
                 {
                     "reader": {
                         dim: (reader.world_size(dim), reader.rank(dim), reader.group_ranks(dim))
-                        for dim in ALL_DIMENSIONS
+                        for dim in megatron
                     },
-                    "megatron": _megatron_direct(ps),
+                    "megatron": megatron,
                     "sizes": reader.sizes(),
                     "wrong_world": str(wrong_world.value),
                 }
@@ -146,14 +182,16 @@ def _read_megatron_core(rank: int, world_size: int, layouts: List[Dict[str, Any]
     return out
 
 
-def _check(per_rank: List[Dict[str, Any]], world_size: int, layouts: List[Dict[str, Any]]) -> None:
+def _check(per_rank: List[Dict[str, Any]], world_size: int, layouts: List[Dict[str, Any]], has_gtp: bool) -> None:
     for rank, result in enumerate(per_rank):
         assert result["flavour"] == "megatron-core"
         assert "looks uninitialised" in result["before_init"]
         for spec, answers in zip(layouts, result["layouts"]):
             layout = plan(world_size, **spec)
             config = layout.config
-            for dim in ALL_DIMENSIONS:
+            gtp_dims = {"gtp", "egtp", "gtp-dp", "gtp-dp-cp", "egtp-edp", "etp-ep-egtp-pp"}
+            assert set(answers["megatron"]) == set(ALL_DIMENSIONS) - (set() if has_gtp else gtp_dims)
+            for dim in answers["megatron"]:
                 kind = DIMENSION_KINDS[dim]
                 expected = (layout.size(kind), layout.rank_in_group(kind, rank), layout.group_of(kind, rank))
                 assert tuple(answers["megatron"][dim]) == expected, (spec, rank, dim, "megatron vs layout")
@@ -167,19 +205,25 @@ def _check(per_rank: List[Dict[str, Any]], world_size: int, layouts: List[Dict[s
                 etp=config.etp,
                 order=None,
                 flavour="megatron-core",
+                gtp=config.gtp_remat,
+                egtp=config.expert_gtp_remat,
             )
-            dense = config.tp * config.pp * config.cp * config.dp
+            dense = config.tp * config.pp * config.cp * config.dp * config.gtp_remat
             assert f"= {dense}, but the world has {2 * world_size} ranks" in answers["wrong_world"]
 
 
 def test_reader_equals_megatron_core_and_layout_in_four_processes():
-    per_rank = run_ranks(_read_megatron_core, 4, LAYOUTS_4, timeout=180)
-    _check(per_rank, 4, LAYOUTS_4)
+    has_gtp = _has_gtp()
+    layouts = LAYOUTS_4 + (GTP_LAYOUTS_4 if has_gtp else [])
+    per_rank = run_ranks(_read_megatron_core, 4, layouts, timeout=180)
+    _check(per_rank, 4, layouts, has_gtp)
 
 
 def test_reader_equals_megatron_core_and_layout_in_eight_processes():
-    per_rank = run_ranks(_read_megatron_core, 8, LAYOUTS_8, timeout=240)
-    _check(per_rank, 8, LAYOUTS_8)
+    has_gtp = _has_gtp()
+    layouts = LAYOUTS_8 + (GTP_LAYOUTS_8 if has_gtp else [])
+    per_rank = run_ranks(_read_megatron_core, 8, layouts, timeout=240)
+    _check(per_rank, 8, layouts, has_gtp)
 
 
 # -- in this process: the module itself, torch.distributed not initialised ------------------
@@ -195,7 +239,8 @@ def test_uninitialised_megatron_core_reports_the_zero_answers():
         reader.world_size("dp")
     message = str(info.value)
     assert "get_data_parallel_world_size(): returned 0" in message
-    assert "get_data_parallel_group(): raised AssertionError: data parallel group is not initialized" in message
+    # megatron's own assertion text changes by release (0.19 adds "(with GTP_remat)"): only its type is ours
+    assert re.search(r"get_data_parallel_group\(\): raised AssertionError: .*not initialized", message)
     assert "looks uninitialised" in message
 
 

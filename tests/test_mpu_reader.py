@@ -33,6 +33,14 @@ from mpu_bridge.mpu import (
 )
 
 ALL = set(ALL_DIMENSIONS)
+#: megatron-core 0.19's Generalized Tensor Parallelism dimensions: no names before 0.19.
+GTP_DIMS = {"gtp", "egtp"}
+#: What a megatron-core release before 0.19 answers: everything but the GTP sizes (the
+#: GTP combined groups are answered by the replicate groups there, as the sizes are 1).
+PRE_GTP = ALL - GTP_DIMS
+#: The one-dimension groups of megatron-core before 0.10, and the distribution groups
+#: its replicate groups answer (no GTP there).
+OLD = (set(DIMENSIONS) - GTP_DIMS) | {"gtp-dp", "gtp-dp-cp", "egtp-edp"}
 
 #: Which dimensions each recorded MPU answers (world size, rank and group ranks).
 EXPECTED_DIMS: Dict[str, set] = {
@@ -42,16 +50,19 @@ EXPECTED_DIMS: Dict[str, set] = {
     "megatron-deepspeed-f1feb88": {"tp", "pp", "dp", "cp", "sdp", "mp"},
     "deepspeed-pipe-grid-0.19.8": {"tp", "pp", "dp", "sdp", "mp"},
     "deepspeed-ulysses-0.19.8": {"cp", "sdp"},
-    "megatron-core-0.4.0": set(DIMENSIONS) | {"tp-dp", "tp-dp-cp", "etp-ep"},
-    "megatron-core-0.8.0": set(DIMENSIONS) | {"tp-cp", "tp-dp", "tp-dp-cp", "etp-ep", "etp-ep-pp"},
-    "megatron-core-0.9.0": set(DIMENSIONS) | {"tp-cp", "tp-dp", "tp-dp-cp", "etp-ep", "etp-ep-pp"},
-    "megatron-core-0.10.0": ALL,
-    "megatron-core-0.11.0": ALL,
-    "megatron-core-0.12.3": ALL,
-    "megatron-core-0.13.1": ALL,
-    "megatron-core-0.14.0": ALL,
-    "megatron-core-0.15.3": ALL,
-    "megatron-core-0.16.1": ALL,
+    "megatron-core-0.4.0": OLD | {"tp-dp", "tp-dp-cp", "etp-ep"},
+    "megatron-core-0.8.0": OLD | {"tp-cp", "tp-dp", "tp-dp-cp", "etp-ep", "etp-ep-pp", "etp-ep-egtp-pp"},
+    "megatron-core-0.9.0": OLD | {"tp-cp", "tp-dp", "tp-dp-cp", "etp-ep", "etp-ep-pp", "etp-ep-egtp-pp"},
+    "megatron-core-0.10.0": PRE_GTP,
+    "megatron-core-0.11.0": PRE_GTP,
+    "megatron-core-0.12.3": PRE_GTP,
+    "megatron-core-0.13.1": PRE_GTP,
+    "megatron-core-0.14.0": PRE_GTP,
+    "megatron-core-0.15.3": PRE_GTP,
+    "megatron-core-0.16.1": PRE_GTP,
+    "megatron-core-0.17.1": PRE_GTP,
+    "megatron-core-0.18.2": PRE_GTP,
+    "megatron-core-0.19.2": ALL,
 }
 
 #: (record, dim) pairs answered by size/rank getters only: no group getter.
@@ -109,6 +120,14 @@ LAYOUTS: Dict[str, List[Dict[str, Any]]] = {
         dict(world=16, tp=2, cp=2, ep=4, etp=1),
         dict(world=16, tp=2, pp=2, ep=2, etp=1),
         dict(world=8, tp=2, ep=2, order="tp-cp-dp-ep-pp"),
+    ],
+    "megatron-core-0.17.1": EXPERT_TP_LAYOUTS,
+    "megatron-core-0.18.2": EXPERT_TP_LAYOUTS,
+    "megatron-core-0.19.2": EXPERT_TP_LAYOUTS + [
+        dict(world=8, tp=2, gtp_remat=2),
+        dict(world=16, tp=2, gtp_remat=2, pp=2),
+        dict(world=16, tp=2, pp=2, ep=2, etp=1, expert_gtp_remat=2),
+        dict(world=16, tp=2, gtp_remat=2, ep=2, expert_gtp_remat=2),
     ],
 }
 
@@ -209,6 +228,13 @@ def test_every_recorded_surface_has_a_flavour_source_and_known_meanings():
                 assert answer["query"] in QUERIES or answer["query"] == "global_rank", (name, getter)
 
 
+def _without_defaults(record, getter, kwargs):
+    """``kwargs`` less those equal to the recorded getter's defaults (megatron-core 0.19's
+    ``with_gtp_remat=True`` is its default: asked for explicitly, it is the plain call)."""
+    params = dict(p.split("=", 1) for p in record["names"].get(getter, {}).get("params", []) if "=" in p)
+    return tuple((k, v) for k, v in kwargs if params.get(k) != repr(v))
+
+
 @pytest.mark.parametrize("name", sorted(EXPECTED_DIMS))
 def test_every_recorded_answer_is_a_candidate_of_the_reader(name):
     record = load_surface(name)
@@ -216,10 +242,13 @@ def test_every_recorded_answer_is_a_candidate_of_the_reader(name):
         (dim, query, getter.name, tuple(sorted(dict(getter.kwargs).items())))
         for dim, query, getter in candidate_names(record["flavour"])
     }
+    candidates = {(dim, query, name_, _without_defaults(record, name_, kwargs))
+                  for dim, query, name_, kwargs in candidates}
     missing = []
     for getter, entry in record["names"].items():
         for answer in entry["answers"]:
-            key = (answer["dim"], answer["query"], getter, tuple(sorted(answer.get("kwargs", {}).items())))
+            key = (answer["dim"], answer["query"], getter,
+                   _without_defaults(record, getter, tuple(sorted(answer.get("kwargs", {}).items()))))
             if key in candidates or (name, getter, answer["dim"]) in UNUSED_ANSWERS:
                 continue
             missing.append(key)
@@ -243,7 +272,7 @@ def test_reader_answers_every_flavour_like_the_layout(name, spec):
     layout = _layout(spec)
     expected_dims = set(EXPECTED_DIMS[name])
     if name == "megatron-core-0.4.0" and layout.config.cp > 1:
-        expected_dims.discard("edp")  # 0.4's data-modulo-expert group excludes cp
+        expected_dims -= {"edp", "egtp-edp"}  # 0.4's data-modulo-expert group excludes cp
     for rank in _ranks_to_check(layout.world_size):
         with fake_world(layout.world_size, rank):
             groups = member_groups(layout, rank)
@@ -278,6 +307,8 @@ def test_reader_sizes_for_every_flavour(name, spec):
         etp=config.etp if expert else None,
         order=EXPECTED_ORDER[record["flavour"]],
         flavour=record["flavour"],
+        gtp=config.gtp_remat,
+        egtp=config.expert_gtp_remat,
     )
 
 
@@ -290,18 +321,24 @@ def test_reader_sizes_for_every_flavour(name, spec):
     ep=st.sampled_from([1, 2, 4]),
     etp=st.sampled_from([None, 1, 2]),
     order=st.sampled_from(["tp-cp-ep-dp-pp", "tp-cp-dp-ep-pp", "tp-dp-cp-ep-pp"]),
+    gtp=st.sampled_from([1, 2]),
+    egtp=st.sampled_from([1, 2]),
     data=st.data(),
 )
-def test_property_megatron_core_record_matches_layout(tp, pp, cp, dp, ep, etp, order, data):
+@pytest.mark.parametrize("name", ["megatron-core-0.16.1", "megatron-core-0.19.2"])
+def test_property_megatron_core_record_matches_layout(name, tp, pp, cp, dp, ep, etp, order, gtp, egtp, data):
+    if name != "megatron-core-0.19.2" and (gtp, egtp) != (1, 1):
+        return  # GTP is megatron-core 0.19's
     try:
-        layout = plan(tp * pp * cp * dp, tp=tp, pp=pp, cp=cp, ep=ep, etp=etp, order=order)
+        layout = plan(tp * pp * cp * dp * gtp, tp=tp, pp=pp, cp=cp, ep=ep, etp=etp, order=order,
+                      gtp_remat=gtp, expert_gtp_remat=egtp)
     except LayoutError:
         return
     rank = data.draw(st.integers(0, layout.world_size - 1))
-    record = load_surface("megatron-core-0.16.1")
+    record = load_surface(name)
     with fake_world(layout.world_size, rank):
         reader = MpuReader(fake_mpu_from_surface(record, layout, rank, member_groups(layout, rank)))
-        for dim in ALL_DIMENSIONS:
+        for dim in sorted(EXPECTED_DIMS[name]):
             kind = DIMENSION_KINDS[dim]
             assert reader.world_size(dim) == layout.size(kind)
             assert reader.rank(dim) == layout.rank_in_group(kind, rank)
@@ -421,8 +458,10 @@ def test_tried_lists_every_candidate_in_order():
     reader = MpuReader(object(), flavour="custom")
     assert reader.tried("sdp", "group") == [
         "get_sequence_data_parallel_group()",
+        "get_data_parallel_group(with_context_parallel=True, with_gtp_remat=False) [when cp>1]",
         "get_data_parallel_group(with_context_parallel=True) [when cp>1]",
         "same as dp when cp==1",
+        "    get_data_parallel_group(with_gtp_remat=False)",
         "    get_data_parallel_group()",
     ]
     assert reader.tried("tp", "world_size") == [

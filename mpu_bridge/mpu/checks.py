@@ -24,41 +24,47 @@ __all__ = ["check_against_world"]
 def check_against_world(reader: MpuReader, world_size: int, rank: int) -> None:
     """Raise :class:`MpuError` with the numbers when the MPU contradicts the world.
 
-    Checks tp·pp·dp·cp = world; every group the MPU returns has as many ranks as it
+    Checks tp·pp·dp·cp·gtp = world; every group the MPU returns has as many ranks as it
     reports and contains ``rank`` at the reported index; sequence-data = dp·cp;
-    model = tp·pp; etp·ep·edp·pp = world when experts are known.
+    model = tp·gtp·pp; etp·ep·edp·pp·egtp = world when experts are known (gtp and egtp
+    are megatron-core 0.19's GTP sizes, 1 elsewhere).
 
     Example: an MPU reporting tp=2, pp=2, dp=4 in a world of 8 raises
     ``MpuError("... tp·pp·dp·cp = 2·2·4·1 = 16, but the world has 8 ranks ...")``.
     """
     sizes = reader.sizes()
-    tp, pp, cp, dp = sizes.tp, sizes.pp, sizes.cp, sizes.dp
-    dense = tp * pp * cp
+    tp, pp, cp, dp, gtp = sizes.tp, sizes.pp, sizes.cp, sizes.dp, sizes.gtp
+    dense = tp * pp * cp * gtp
+    gtp_names, gtp_values = ("·gtp", f"·{gtp}") if gtp > 1 else ("", "")
     if dp is None:
         if world_size % dense:
             raise MpuError(
                 f"the MPU's sizes do not fit the world: world size {world_size} is not "
-                f"divisible by tp·pp·cp = {dense} (tp={tp}, pp={pp}, cp={cp}; "
-                f"flavour {reader.flavour}); the MPU was set up for another world"
+                f"divisible by tp·pp·cp{gtp_names} = {dense} (tp={tp}, pp={pp}, cp={cp}"
+                f"{f', gtp={gtp}' if gtp > 1 else ''}; flavour {reader.flavour}); "
+                "the MPU was set up for another world"
             )
         dp = world_size // dense
     elif dense * dp != world_size:
         raise MpuError(
-            f"the MPU's sizes do not multiply to the world: tp·pp·dp·cp = "
-            f"{tp}·{pp}·{dp}·{cp} = {dense * dp}, but the world has {world_size} ranks "
+            f"the MPU's sizes do not multiply to the world: tp·pp·dp·cp{gtp_names} = "
+            f"{tp}·{pp}·{dp}·{cp}{gtp_values} = {dense * dp}, but the world has {world_size} ranks "
             f"(flavour {reader.flavour}); initialise the MPU with sizes whose product is "
             f"{world_size}"
         )
-    expected = {"sdp": dp * cp, "mp": tp * pp}
+    # model parallel spans megatron-core 0.19's gtp_remat axis (tp-gtp_remat-pp), and
+    # the data-distribution groups span it with the replicate data-parallel ranks
+    expected = {"sdp": dp * cp, "mp": tp * gtp * pp, "gtp-dp": gtp * dp, "gtp-dp-cp": gtp * dp * cp}
     if sizes.ep is not None:
         etp = tp if sizes.etp is None else sizes.etp
-        expert = etp * sizes.ep * pp
+        expert = etp * sizes.ep * pp * sizes.egtp
         if world_size % expert:
             raise MpuError(
-                f"the MPU's expert sizes do not fit the world: etp·ep·pp = "
-                f"{etp}·{sizes.ep}·{pp} = {expert} does not divide {world_size}"
+                f"the MPU's expert sizes do not fit the world: etp·ep·pp·egtp = "
+                f"{etp}·{sizes.ep}·{pp}·{sizes.egtp} = {expert} does not divide {world_size}"
             )
         expected["edp"] = world_size // expert
+        expected["egtp-edp"] = sizes.egtp * expected["edp"]
     for dim in ALL_DIMENSIONS:
         _check_dim(reader, dim, world_size, rank, expected.get(dim))
 

@@ -56,12 +56,16 @@ __all__ = [
     "detect_flavour",
 ]
 
-#: The dimensions every reader answers (when the MPU can).
-DIMENSIONS: Tuple[str, ...] = ("tp", "pp", "dp", "cp", "sdp", "mp", "ep", "edp", "etp")
+#: The dimensions every reader answers (when the MPU can). ``gtp`` / ``egtp`` are
+#: megatron-core 0.19's Generalized Tensor Parallelism (size 1 where the MPU has none).
+DIMENSIONS: Tuple[str, ...] = ("tp", "pp", "dp", "cp", "sdp", "mp", "ep", "edp", "etp", "gtp", "egtp")
 
 #: Combined groups some MPUs also hold (named by their :mod:`mpu_bridge.layout` kind),
-#: useful for reusing the MPU's own communicators.
-COMBINED_DIMENSIONS: Tuple[str, ...] = ("tp-cp", "tp-dp", "tp-dp-cp", "etp-ep", "etp-ep-pp")
+#: useful for reusing the MPU's own communicators; the last four are megatron-core
+#: 0.19's data-distribution groups and expert model-parallel group with GTP.
+COMBINED_DIMENSIONS: Tuple[str, ...] = (
+    "tp-cp", "tp-dp", "tp-dp-cp", "etp-ep", "etp-ep-pp", "gtp-dp", "gtp-dp-cp", "egtp-edp", "etp-ep-egtp-pp",
+)
 
 ALL_DIMENSIONS: Tuple[str, ...] = DIMENSIONS + COMBINED_DIMENSIONS
 
@@ -186,17 +190,36 @@ def _only(table: _Table, **keep: Sequence[str]) -> _Table:
 _WITH_CP = (("with_context_parallel", True),)
 _CP_GT_1: Condition = ("cp", ">", 1)
 _CP_EQ_1: Condition = ("cp", "==", 1)
+# megatron-core 0.19: the data-parallel getters answer the data-*distribution* group
+# (spanning gtp_remat) by default; with_gtp_remat=False is the replicate group that
+# gradient reduction and ZeRO use, the bridge's dp / sdp / edp. Older releases have
+# no such parameter (the candidate is skipped) and their plain getter is the same group.
+_REPLICATE = (("with_gtp_remat", False),)
+_DISTRIBUTION = (("with_gtp_remat", True),)
 
 _TP = _trio("tp", "get_tensor_model_parallel")
 _PP = _trio("pp", "get_pipeline_model_parallel")
-_DP = _trio("dp", "get_data_parallel")
+_DP = _merge(_trio("dp", "get_data_parallel", group_kwargs=_REPLICATE), _trio("dp", "get_data_parallel"))
 _CONTEXT = _trio("cp", "get_context_parallel", ranks=("get_context_parallel_global_ranks",))
 _SEQUENCE = _trio("cp", "get_sequence_parallel")
 _SEQUENCE_DATA = _trio("sdp", "get_sequence_data_parallel")
-_DP_WITH_CP = _trio("sdp", "get_data_parallel", group_kwargs=_WITH_CP, when=_CP_GT_1)
+_DP_WITH_CP = _merge(
+    _trio("sdp", "get_data_parallel", group_kwargs=_WITH_CP + _REPLICATE, when=_CP_GT_1),
+    _trio("sdp", "get_data_parallel", group_kwargs=_WITH_CP, when=_CP_GT_1),
+)
 _MP = _trio("mp", "get_model_parallel")
 _EP = _trio("ep", "get_expert_model_parallel")
+_GTP = _merge(
+    _trio("gtp", "get_gtp_weight_remat", ranks=("get_gtp_weight_remat_global_ranks",)),
+    _trio("egtp", "get_expert_gtp_weight_remat", ranks=("get_expert_gtp_weight_remat_global_ranks",)),
+    _trio("gtp-dp", "get_data_parallel", group_kwargs=_DISTRIBUTION),
+    _trio("gtp-dp-cp", "get_data_parallel", group_kwargs=_WITH_CP + _DISTRIBUTION),
+    _trio("egtp-edp", "get_expert_data_parallel", group_kwargs=_DISTRIBUTION),
+    {("etp-ep-egtp-pp", "group"): (Getter("get_expert_tensor_model_pipeline_parallel_group",
+                                          (("with_egtp_remat", True),)),)},
+)
 _EDP = _merge(
+    _trio("edp", "get_expert_data_parallel", group_kwargs=_REPLICATE),
     _trio("edp", "get_expert_data_parallel"),
     # megatron-core 0.7-0.9: the expert-data group that includes context parallelism
     _trio("edp", "get_data_modulo_expert_parallel", group_kwargs=_WITH_CP, when=_CP_GT_1),
@@ -232,7 +255,7 @@ _PIPE_GRID = _merge(
 
 _FLAVOUR_TABLES: Dict[str, _Table] = {
     "megatron-core": _merge(
-        _TP, _PP, _DP, _CONTEXT, _DP_WITH_CP, _only(_MP, mp=("group",)), _EP, _EDP, _ETP, _COMBINED
+        _TP, _PP, _DP, _CONTEXT, _DP_WITH_CP, _only(_MP, mp=("group",)), _EP, _EDP, _ETP, _COMBINED, _GTP
     ),
     # Megatron-LM 1.0: get_model_parallel_* is the tensor-parallel group (no pipeline).
     "megatron-lm-1": _merge(_trio("tp", "get_model_parallel"), _DP, _MP),
@@ -268,6 +291,7 @@ _FLAVOUR_TABLES: Dict[str, _Table] = {
         _EDP,
         _ETP,
         _COMBINED,
+        _GTP,
     ),
 }
 
@@ -287,6 +311,13 @@ def _aliases(flavour: str) -> Dict[str, Tuple[Alias, ...]]:
         "mp": (Alias("tp", ("pp", "==", 1)),),
         "tp-dp-cp": (Alias("tp-dp", _CP_EQ_1),),
     }
+    if flavour == "megatron-core":
+        # without GTP (size 1, or a release before megatron-core 0.19) the distribution
+        # groups are the replicate ones
+        aliases["gtp-dp"] = (Alias("dp", ("gtp", "==", 1)),)
+        aliases["gtp-dp-cp"] = (Alias("sdp", ("gtp", "==", 1)),)
+        aliases["egtp-edp"] = (Alias("edp", ("egtp", "==", 1)),)
+        aliases["etp-ep-egtp-pp"] = (Alias("etp-ep-pp", ("egtp", "==", 1)),)
     if flavour in ("megatron-core", "device-mesh"):
         # megatron-core < 0.10 has no expert-tensor parallelism: experts use the TP group;
         # a mesh without a flattened "etp" dim keeps experts on the TP group too.

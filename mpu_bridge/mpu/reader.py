@@ -76,15 +76,18 @@ class MpuSizes:
     etp: Optional[int]
     order: Optional[str]
     flavour: str
+    gtp: int = 1
+    egtp: int = 1
 
     @property
     def edp(self) -> Optional[int]:
-        """Expert-data-parallel size implied by the sizes: tp·cp·dp / (etp·ep)."""
+        """Expert-data-parallel size implied by the sizes: tp·gtp·cp·dp / (etp·ep·egtp)."""
         if self.dp is None or self.ep is None:
             return None
         etp = self.tp if self.etp is None else self.etp
-        dense = self.tp * self.cp * self.dp
-        return dense // (etp * self.ep) if dense % (etp * self.ep) == 0 else None
+        dense = self.tp * self.gtp * self.cp * self.dp
+        expert = etp * self.ep * self.egtp
+        return dense // expert if dense % expert == 0 else None
 
 
 def _render_trail(trail: List[str]) -> List[str]:
@@ -361,7 +364,10 @@ class MpuReader:
                 dp = sdp // cp
         ep = self._optional_size("ep")
         etp = self._optional_size("etp") if ep is not None else None
-        return MpuSizes(tp=tp, pp=pp, dp=dp, cp=cp, ep=ep, etp=etp, order=self._order(), flavour=self.flavour)
+        gtp = self._size_or_one("gtp")
+        egtp = self._size_or_one("egtp") if ep is not None else 1
+        return MpuSizes(tp=tp, pp=pp, dp=dp, cp=cp, ep=ep, etp=etp, order=self._order(), flavour=self.flavour,
+                        gtp=gtp, egtp=egtp)
 
     def check_against_world(self, world_size: int, rank: int) -> None:
         """Raise :class:`MpuError` with the numbers when the MPU contradicts the world
