@@ -28,8 +28,8 @@ from .errors import BridgeError, LayoutError, MpuError
 from .kinds import KIND_BY_DIM, KINDS, kind_named
 from .layout import DEFAULT_ORDER, Layout, plan
 from .mpu import MpuReader, check_is_mpu
-from .mpu.order import infer_order
 from .mpu.names import ALL_DIMENSIONS
+from .mpu.order import infer_order
 from .registry import GroupRegistry
 from .validate import positive_int
 
