@@ -36,11 +36,13 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import pytest
 
+from mpu_bridge.optional import is_available
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from _multiproc import run_ranks  # noqa: E402  (tests/ holds the process harness)
 
 pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("megatron.core") is None,
+    not is_available("megatron.core"),
     reason="needs megatron-core (pip install 'mpu-bridge[megatron]')",
 )
 

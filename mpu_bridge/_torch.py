@@ -2,11 +2,13 @@
 
 PyTorch does not expose the default group, the default store, the table of live
 groups or the names it gives member-only groups; the registry needs all four. If
-a PyTorch release moves them, this is the one module to change.
+a PyTorch release moves them, this is the one module to change. How PyTorch names
+member-only groups changed in 2.14; :func:`member_only_naming` finds the running
+release's rule by behaviour and says so when it recognises none.
 
 Example::
 
-    >>> groups_held()          # doctest: +SKIP
+    >>> member_only_naming().salt          # doctest: +SKIP
     3
 """
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional, Sequence
 
 import torch.distributed as dist
@@ -23,10 +26,12 @@ __all__ = [
     "default_group",
     "default_store",
     "is_live",
-    "groups_held",
     "group_counter",
     "group_name",
     "hashed_group_name",
+    "MemberOnlyNaming",
+    "member_only_naming",
+    "distrust",
     "bound_device",
     "supports",
     "mesh_flattened",
@@ -50,14 +55,9 @@ def is_live(group: Any) -> bool:
     return group in _c10d._world.pg_map
 
 
-def groups_held() -> int:
-    """How many process groups this process holds (the number PyTorch hashes into
-    the names of member-only groups)."""
-    return len(_c10d._world.pg_names)
-
-
 def group_counter() -> int:
-    """PyTorch's sequential counter of all-ranks groups (names of ``new_group``)."""
+    """PyTorch's group counter on this rank (``_world.group_count``): the name of the next
+    all-ranks ``new_group`` group, which every rank must agree on."""
     return int(getattr(_c10d._world, "group_count", 0))
 
 
@@ -66,14 +66,92 @@ def group_name(group: Any) -> Optional[str]:
     return _c10d._world.pg_names.get(group)
 
 
-def hashed_group_name(ranks: Sequence[int], held: int) -> str:
-    """The name torch 2.x gives a member-only group: ``sha1("r0_r1_..._<groups held>")``.
-
-    Mirrors ``distributed_c10d._hash_ranks_to_str``; the registry checks the
-    prediction against :func:`group_name` and warns if PyTorch changes it.
-    """
-    text = "_".join(map(str, ranks)) + "_" + str(held)
+def hashed_group_name(ranks: Sequence[int], salt: int) -> str:
+    """The name PyTorch gives a member-only group of ``ranks`` at ``salt``:
+    ``sha1("r0_r1_..._<salt>")`` (``distributed_c10d._hash_ranks_to_str``; which number
+    the salt is depends on the release, see :func:`member_only_naming`)."""
+    text = "_".join(map(str, ranks)) + "_" + str(salt)
     return hashlib.sha1(text.encode("utf-8")).hexdigest()
+
+
+#: The salts PyTorch releases are known to hash into member-only group names, by where
+#: they live: up to 2.13 the number of groups this process holds, from 2.14 the group
+#: counter (which then also moves with every member-only group its caller creates).
+SALT_SOURCES = ("pg_names", "group_count")
+
+#: Ranks hashed by the probe; any list would do, this one costs O(1).
+_PROBE_RANKS = [0]
+
+#: Why member-only naming stopped being trusted in this process (see :func:`distrust`).
+_doubt: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class MemberOnlyNaming:
+    """How this process's PyTorch will name its next member-only group, found by behaviour.
+
+    ``salt``: the number PyTorch will hash into the name (None: not recognised, see
+    ``problem``). ``source``: which of :data:`SALT_SOURCES` it is, or ``"both"`` when the
+    two are equal now (the probe cannot tell them apart, and either is right), or ``""``.
+    """
+
+    salt: Optional[int]
+    source: str
+    problem: str = ""
+
+    @property
+    def recognised(self) -> bool:
+        return self.salt is not None
+
+    @property
+    def counter_apart(self) -> bool:
+        """Whether creating a member-only group leaves PyTorch's group counter (the names of
+        all-ranks groups) alone: known only when the salt is the held-group count alone."""
+        return self.source == "pg_names"
+
+
+def member_only_naming() -> MemberOnlyNaming:
+    """Which number PyTorch hashes into member-only group names, by asking PyTorch itself.
+
+    Calls PyTorch's own ``_hash_ranks_to_str`` (it only reads) on a probe list and compares
+    with :func:`hashed_group_name` salted by each known candidate (:data:`SALT_SOURCES`);
+    never by version string. A PyTorch whose naming matches none of them -- or that once
+    named a group otherwise than predicted (:func:`distrust`) -- is *not recognised*: the
+    registry then never creates groups member-only. Example: ``member_only_naming().salt``
+    is ``len(_world.pg_names)`` on torch 2.13 and ``_world.group_count`` on 2.14.
+    """
+    if _doubt is not None:
+        return MemberOnlyNaming(None, "", _doubt)
+    probe = getattr(_c10d, "_hash_ranks_to_str", None)
+    world = getattr(_c10d, "_world", None)
+    if not callable(probe) or world is None:
+        return MemberOnlyNaming(None, "", "torch.distributed.distributed_c10d has no _hash_ranks_to_str or _world")
+    try:
+        expected = str(probe(list(_PROBE_RANKS)))
+        candidates = {"pg_names": len(world.pg_names), "group_count": getattr(world, "group_count", None)}
+    except Exception as exc:  # a changed private API: unrecognised, whatever it raises
+        return MemberOnlyNaming(None, "", f"probing distributed_c10d._hash_ranks_to_str failed: {exc!r}")
+    found = {
+        source: value
+        for source, value in candidates.items()
+        if isinstance(value, int) and hashed_group_name(_PROBE_RANKS, value) == expected
+    }
+    if not found:
+        return MemberOnlyNaming(
+            None,
+            "",
+            "distributed_c10d._hash_ranks_to_str salts member-only group names with neither "
+            "len(_world.pg_names) nor _world.group_count",
+        )
+    source = next(iter(found)) if len(found) == 1 else "both"
+    return MemberOnlyNaming(next(iter(found.values())), source)
+
+
+def distrust(problem: str) -> None:
+    """Stop trusting :func:`member_only_naming` in this process: PyTorch named a group
+    otherwise than it predicted (``problem`` says how). Later batches use the all-ranks loop."""
+    global _doubt
+    _doubt = problem
 
 
 def bound_device() -> Any:
@@ -94,9 +172,24 @@ def mesh_flattened(mesh: Any) -> Dict[str, Any]:
     by name: 1-d DeviceMeshes of this rank; empty when there are none.
 
     PyTorch keeps them in the root's private ``_flatten_mapping`` (slicing them from the
-    root mesh is deprecated); torch 2.13 has it.
+    root mesh is deprecated; torch 2.13 has it); older releases (torch 2.6) keep them in
+    the module's ``_mesh_resources.root_to_flatten_mapping``. Found by feature, not version.
     """
     root_of = getattr(mesh, "_get_root_mesh", None)
-    root = root_of() if callable(root_of) else mesh
-    mapping = getattr(root, "_flatten_mapping", None) or {}
-    return {str(name): sub for name, sub in mapping.items()}
+    if callable(root_of):
+        root = root_of()
+    else:
+        resources = _mesh_resources()
+        root = resources.get_root_mesh(mesh) if hasattr(resources, "get_root_mesh") else mesh
+    mapping = getattr(root, "_flatten_mapping", None)
+    if mapping is None:
+        mapping = getattr(_mesh_resources(), "root_to_flatten_mapping", {}).get(root)
+    return {str(name): sub for name, sub in (mapping or {}).items()}
+
+
+def _mesh_resources() -> Any:
+    """``torch.distributed.device_mesh._mesh_resources`` (the mesh bookkeeping of older
+    releases), or None."""
+    from torch.distributed import device_mesh
+
+    return getattr(device_mesh, "_mesh_resources", None)

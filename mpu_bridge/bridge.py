@@ -36,7 +36,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Dict, List, Optional, Sequence, Tuple, TypeVar, Union
 
-from . import partitions
+from . import partitions, support
 from .bridge_base import BridgeBase
 from .errors import BridgeError, LayoutError
 from .kinds import Kind, kind_named
@@ -205,18 +205,19 @@ class Bridge(BridgeBase):
         return device_mesh(self, dims, expert=expert, ep_size=ep_size, names=names,
                            keep_size_one=keep_size_one, device_type=device_type)
 
-    def process_group_collection(self) -> Any:
-        """megatron-core's own ``ProcessGroupCollection`` with every field ``use_mpu_process_groups()``
-        fills, over this bridge's groups (see :mod:`mpu_bridge.pg_collection`).
+    def process_group_collection(self, *, all_gather: bool = False) -> Any:
+        """megatron-core's own ``ProcessGroupCollection`` with every field the installed
+        release declares, over this bridge's groups (see :mod:`mpu_bridge.pg_collection`).
 
         Over megatron-core's ``parallel_state``: its own group objects, nothing created.
-        Standalone: the layout's groups, collective the first time. Raises
-        MissingDependencyError on megatron-core older than 0.15.0. Example:
-        ``GPTModel(..., pg_collection=bridge.process_group_collection())``.
+        Standalone: the layout's groups, collective the first time. ``all_gather=True``
+        also fills ``dp_cp_ag`` / ``expt_dp_ag`` (megatron-core >= 0.18) with communicators
+        of their own. Raises MissingDependencyError on megatron-core older than 0.15.0.
+        Example: ``GPTModel(..., pg_collection=bridge.process_group_collection())``.
         """
         from .pg_collection import process_group_collection
 
-        return process_group_collection(self)
+        return process_group_collection(self, all_gather=boolean("all_gather", all_gather, LayoutError))
 
     def embedding_groups(self) -> Tuple[Optional[GroupInfo], Optional[GroupInfo]]:
         """(word embedding, position embedding) groups of this rank, None where it is in none.
@@ -386,8 +387,9 @@ def attach(mpu: Optional[object] = None, **options: Any) -> Bridge:
     "new_group"), ``agreement_timeout`` (seconds: bounds each cross-rank agreement),
     ``verify_plan``, ``order`` (the MPU's rank order, if it cannot be inferred; the
     layout's order without an MPU), ``gpus_per_node``. Without an MPU, ``tp``, ``pp``,
-    ``cp``, ``ep``, ``etp`` give a full Megatron layout whose groups are created on
-    first use (default: data parallel = the world). Reading the MPU is local: no
+    ``cp``, ``ep``, ``etp`` (and megatron-core 0.19's ``gtp_remat``, ``expert_gtp_remat``)
+    give a full Megatron layout whose groups are created on first use (default: data
+    parallel = the world). Reading the MPU is local: no
     communication.
 
     Example::
@@ -396,4 +398,5 @@ def attach(mpu: Optional[object] = None, **options: Any) -> Bridge:
         bridge.expert_groups(4).expert_parallel.ranks
         standalone = mpu_bridge.attach(None, tp=2, pp=2)   # no Megatron needed
     """
+    support.note_untested_releases()  # once per process: a torch / megatron-core / DeepSpeed newer than tested
     return Bridge(mpu, **options)

@@ -62,6 +62,8 @@ class BridgeBase:
         cp: Optional[int] = None,
         ep: Optional[int] = None,
         etp: Optional[int] = None,
+        gtp_remat: Optional[int] = None,
+        expert_gtp_remat: Optional[int] = None,
     ) -> None:
         if not dist.is_available() or not dist.is_initialized():
             raise BridgeError(
@@ -83,7 +85,8 @@ class BridgeBase:
             verify_plan=verify_plan,
         )
         self._order = order
-        self._sizes = {k: v for k, v in dict(tp=tp, pp=pp, cp=cp, ep=ep, etp=etp).items() if v is not None}
+        sizes = dict(tp=tp, pp=pp, cp=cp, ep=ep, etp=etp, gtp_remat=gtp_remat, expert_gtp_remat=expert_gtp_remat)
+        self._sizes = {k: v for k, v in sizes.items() if v is not None}
         self._mpu_object = mpu
         self._default_group = _torch.default_group()
         self._closed = False

@@ -9,6 +9,7 @@ fraction of a second at 2**24 or 2**62 ranks::
     mpu-bridge plan --world-size 64 --tp 2 --pp 2 --ep 4 --gpus-per-node 8 --rank 13 --hpz 4
     mpu-bridge plan --world-size 64 --tp 2 --pp 2 --ep 4 --gpus-per-node 8 \\
         --format svg --color-by ep --output plan.svg
+    mpu-bridge plan --world-size 16 --tp 2 --gtp-remat 2 --budget --megatron 0.19
 
 Invalid sizes print ``mpu-bridge: error: <message>`` on stderr and exit with
 status 2, as do usage errors.
@@ -28,7 +29,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Tuple
 
 from . import __version__
-from .budget import DEFAULT_COMM_MB, budget
+from .budget import DEFAULT_COMM_MB, MEGATRON_LINES, budget
 from .errors import BridgeError
 from .layout import DEFAULT_ORDER, KINDS, Layout, plan
 from .planrows import PlanRow, all_to_all_rows, hpz_row
@@ -52,6 +53,9 @@ _ALL = "all"
 _TEXT_MAX_GROUPS = 4
 _JSON_MAX_GROUPS = 8
 _SVG_COVER_GROUPS = 8
+
+#: The kinds ``--color-by`` offers: every kind but the all-gather twins (their ranks are dp-cp's / edp's).
+_COLOR_KINDS = tuple(name for name, kind in KINDS.items() if kind.twin_of is None)
 
 
 @dataclass(frozen=True)
@@ -93,6 +97,21 @@ def _add_plan_arguments(parser: argparse.ArgumentParser) -> None:
         "--etp", type=int, default=None, metavar="N", help="expert tensor-parallel size (default: tp)"
     )
     sizes.add_argument(
+        "--gtp-remat",
+        type=int,
+        default=1,
+        metavar="N",
+        help="megatron-core 0.19 generalized tensor-parallel (weight remat) size: a model-parallel axis "
+        "right after tp unless --order names gtp_remat; dp becomes the replicate degree (default 1)",
+    )
+    sizes.add_argument(
+        "--expert-gtp-remat",
+        type=int,
+        default=1,
+        metavar="N",
+        help="the same for the expert grid, right after ep unless --order names gtp_remat (default 1)",
+    )
+    sizes.add_argument(
         "--order",
         default=DEFAULT_ORDER,
         help=f"Megatron order string, first token varying fastest (default {DEFAULT_ORDER})",
@@ -123,11 +142,11 @@ def _add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     )
     output.add_argument(
         "--color-by",
-        choices=tuple(KINDS),
+        choices=_COLOR_KINDS,
         default=None,
         metavar="KIND",
         help="svg: the group kind that colours the cells (default: ep when ep > 1, else tp when "
-        f"tp > 1, else the first of cp, pp, dp above 1); one of {', '.join(KINDS)}",
+        f"tp > 1, else the first of gtp, cp, pp, dp above 1); one of {', '.join(_COLOR_KINDS)}",
     )
     output.add_argument(
         "--max-groups",
@@ -154,6 +173,20 @@ def _add_budget_arguments(parser: argparse.ArgumentParser) -> None:
         "per GPU (for --rank, default rank 0)",
     )
     group.add_argument(
+        "--megatron",
+        default=None,
+        metavar="VERSION",
+        help=f"the megatron-core release or line --budget models ({', '.join(MEGATRON_LINES)}; default: the "
+        f"installed megatron-core, read without importing it, else {MEGATRON_LINES[-1]})",
+    )
+    group.add_argument(
+        "--all-gather",
+        action="store_true",
+        help="with --budget: count the all-gather twins (megatron-core's create_all_gather_group(s): a "
+        "communicator of their own over the dp-cp / edp ranks) on both sides; the one exception to "
+        "one communicator per rank set",
+    )
+    group.add_argument(
         "--comm-mb",
         type=float,
         default=DEFAULT_COMM_MB,
@@ -167,12 +200,16 @@ def _add_budget_arguments(parser: argparse.ArgumentParser) -> None:
 def _budget(layout: Layout, args: argparse.Namespace) -> Optional[dict]:
     """The ``--budget`` report, or None without the flag."""
     if not args.budget:
+        for flag, given in (("--all-gather", args.all_gather), ("--megatron", args.megatron is not None)):
+            if given:
+                raise BridgeError(f"{flag} applies to the communicator budget; add --budget")
         return None
     if args.format == "svg":
         raise BridgeError("--budget is shown in text and json output, not svg")
     if not 0 <= args.comm_mb < float("inf"):
         raise BridgeError(f"--comm-mb must be a finite number >= 0, got {args.comm_mb:g}")
-    return budget(layout, 0 if args.rank is None else args.rank, comm_mb=args.comm_mb)
+    rank = 0 if args.rank is None else args.rank
+    return budget(layout, rank, comm_mb=args.comm_mb, megatron=args.megatron, all_gather=args.all_gather)
 
 
 def _extra_rows(layout: Layout, args: argparse.Namespace) -> Tuple[PlanRow, ...]:
@@ -212,6 +249,8 @@ def _run_plan(args: argparse.Namespace) -> int:
         etp=args.etp,
         order=args.order,
         gpus_per_node=args.gpus_per_node,
+        gtp_remat=args.gtp_remat,
+        expert_gtp_remat=args.expert_gtp_remat,
     )
     try:
         text = _render_plan(layout, args)  # all validation happens before anything is written

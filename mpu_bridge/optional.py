@@ -47,7 +47,7 @@ def is_available(module: str) -> bool:
 
 
 def _declared_requirement(package: str) -> str:
-    """mpu-bridge's own requirement on ``package`` (e.g. ``torch<2.14,>=2.13``), else ``package``."""
+    """mpu-bridge's own requirement on ``package`` (e.g. ``torch>=2.6``), else ``package``."""
     try:
         declared = metadata.requires("mpu-bridge") or []
     except metadata.PackageNotFoundError:  # run from a source tree that was never installed
@@ -66,7 +66,7 @@ def install_hint(package: str, extra: Optional[str] = None) -> str:
     one, else with the version range mpu-bridge declares for it.
 
     Example: ``install_hint("megatron-core", "megatron")`` -> ``"pip install 'mpu-bridge[megatron]'"``;
-    ``install_hint("torch")`` -> ``"pip install 'torch<2.14,>=2.13'"`` (from the installed metadata).
+    ``install_hint("torch")`` -> ``"pip install 'torch>=2.6'"`` (from the installed metadata).
     """
     return f"pip install 'mpu-bridge[{extra}]'" if extra else f"pip install '{_declared_requirement(package)}'"
 

@@ -29,6 +29,7 @@ from typing import Any, Callable, Iterable, Iterator, List, Optional, Sequence, 
 
 from .errors import LayoutError
 from .groupview import GroupView
+from .kinds import KINDS
 from .layout import Layout, expert_order, plan
 from .validate import integer, positive_int
 
@@ -88,6 +89,9 @@ class Partition:
     num_groups: int
     own: Optional[Tuple[int, ...]]
     groups: Callable[[], Iterable[Sequence[int]]]
+    #: ``""``: the registry's one communicator per rank set. Any other name is a separate
+    #: set of communicators for the same ranks (megatron-core's all-gather twins: ``"ag"``).
+    channel: str = ""
     #: Set only by the layout engine's constructors (ascending ints, translates of one
     #: pattern, by construction): the O(group size) per-group checks are skipped.
     #: Not an init argument, so ``dataclasses.replace`` yields an untrusted copy.
@@ -129,7 +133,8 @@ class Partition:
         """What must be identical on every rank: key, sizes and the first group. O(group size)."""
         first = self.first_group()
         digest = hashlib.blake2b(array.array("q", first).tobytes(), digest_size=16).hexdigest()
-        return f"{self.key}|{self.group_size}x{self.num_groups}|{abbrev(first)}|{digest}"
+        channel = f"|channel={self.channel}" if self.channel else ""
+        return f"{self.key}|{self.group_size}x{self.num_groups}|{abbrev(first)}|{digest}{channel}"
 
     def summary(self) -> str:
         """A short human description, e.g. ``ep[ep=2] (2 groups of 2, first [0, 2])``."""
@@ -217,11 +222,16 @@ def _check_ranks(key: str, ranks: Sequence[int], size: int, world_size: int) -> 
 def layout_signature(layout: Layout) -> str:
     """The sizes and order of ``layout`` as one short string, for partition keys."""
     c = layout.config
-    return f"tp={c.tp},pp={c.pp},cp={c.cp},ep={c.ep},etp={c.etp},order={c.order}"
+    gtp = f",gtp_remat={c.gtp_remat}" if c.gtp_remat > 1 else ""
+    egtp = f",expert_gtp_remat={c.expert_gtp_remat}" if c.expert_gtp_remat > 1 else ""
+    return f"tp={c.tp},pp={c.pp},cp={c.cp},ep={c.ep},etp={c.etp}{gtp}{egtp},order={c.order}"
 
 
 def dense(layout: Layout, kind: str, rank: int, key: Optional[str] = None) -> Partition:
     """Every group of ``kind`` in ``layout``, seen from ``rank``.
+
+    An all-gather twin kind (``"dp-cp-ag"``, ``"edp-ag"``) is its own channel: the same
+    ranks as its twin, other communicators.
 
     Example: ``dense(plan(8, tp=2), "tp", 3).own == (2, 3)``.
     """
@@ -231,6 +241,7 @@ def dense(layout: Layout, kind: str, rank: int, key: Optional[str] = None) -> Pa
         num_groups=layout.num_groups(kind),
         own=tuple(layout.group_of(kind, rank)),
         groups=lambda: layout.iter_groups(kind),
+        channel="ag" if KINDS[kind].twin_of else "",
     ).as_trusted()
 
 
@@ -264,7 +275,8 @@ def expert_layout(
     ep = positive_int("ep_size", ep_size)
     order = expert_order(c.order, data_before_expert)
     etp = c.tp if etp is None else positive_int("etp", etp)
-    return plan(c.world_size, tp=c.tp, pp=c.pp, cp=c.cp, ep=ep, etp=etp, order=order)
+    return plan(c.world_size, tp=c.tp, pp=c.pp, cp=c.cp, ep=ep, etp=etp, order=order,
+                gtp_remat=c.gtp_remat, expert_gtp_remat=c.expert_gtp_remat)
 
 
 def hpz_block(layout: Layout, partition_size: int) -> int:

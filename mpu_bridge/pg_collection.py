@@ -2,9 +2,22 @@
 
 :func:`process_group_collection` (``Bridge.process_group_collection``) returns
 megatron-core's own ``megatron.core.process_groups_config.ProcessGroupCollection``
-with every field its ``use_mpu_process_groups()`` fills (megatron-core 0.15.0 to
-0.16.1: the twenty names of :data:`FIELDS`), so a model, DDP, an optimizer or
+with every field the installed release declares (of the 27 names of :data:`FIELDS`:
+twenty in 0.15.0-0.17, 23 in 0.18 with the all-gather twins and ``expt_dp``..., all
+27 in 0.19 with Generalized Tensor Parallelism), so a model, DDP, an optimizer or
 ``finalize_model_grads`` that takes ``pg_collection=`` runs over the bridge's groups.
+
+Under GTP (megatron-core 0.19) ``dp``, ``dp_cp`` and ``expt_dp`` are the *replicate*
+groups (``with_gtp_remat=False``, what megatron-core's own collection holds);
+``dp_cp_gtp_remat`` and ``expt_dp_gtp_remat`` the data-distribution groups.
+
+The all-gather fields ``dp_cp_ag`` and ``expt_dp_ag`` (megatron-core >= 0.18) are None,
+as in megatron-core's ``use_mpu_process_groups()``, unless asked for with
+``all_gather=True``: then each is a communicator of its own over the ranks of
+``dp_cp`` / ``expt_dp`` (``expt_dp_ag`` only with ep > 1, as megatron-core's
+``create_all_gather_groups``), so parameter all-gathers overlap gradient
+reduce-scatters. They are the one documented exception to "one communicator per
+rank set", and the communicator budget counts them.
 
 Where each field comes from:
 
@@ -41,6 +54,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import inspect
 from importlib import metadata
 from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Tuple
 
@@ -55,7 +69,9 @@ if TYPE_CHECKING:
     from .bridge import Bridge
 
 __all__ = [
+    "ALL_GATHER_FIELDS",
     "FIELDS",
+    "declared_fields",
     "FIRST_RELEASE",
     "FIELD_KINDS",
     "collection_class",
@@ -67,19 +83,29 @@ __all__ = [
 #: ``ModelCommProcessGroups`` and ``GradCommProcessGroups`` instead).
 FIRST_RELEASE = "0.15.0"
 
-#: The fields ``ProcessGroupCollection.use_mpu_process_groups()`` fills (megatron-core 0.15.0-0.16.1).
+#: Every field of ``ProcessGroupCollection`` the bridge fills, in megatron-core 0.19.2's
+#: order (27); a release's class declares a subset (20 in 0.15.0-0.17), and only those are set.
 FIELDS: Tuple[str, ...] = (
     "tp", "pp", "mp", "embd", "pos_embd", "cp", "tp_cp", "hcp", "ep", "expt_tp", "tp_ep",
-    "tp_ep_pp", "tp_dp_cp", "dp", "dp_cp", "intra_dp_cp", "intra_expt_dp", "expt_dp",
-    "inter_dist_opt", "intra_dist_opt",
+    "tp_ep_pp", "tp_ep_pp_with_egtp_remat", "tp_dp_cp", "dp", "dp_cp", "dp_cp_gtp_remat", "dp_cp_ag",
+    "gtp_remat", "expt_gtp_remat", "expt_dp", "expt_dp_gtp_remat", "expt_dp_ag", "intra_dp_cp",
+    "intra_expt_dp", "inter_dist_opt", "intra_dist_opt",
 )
+
+#: The all-gather twins: field -> the field whose ranks they share (their own communicator).
+ALL_GATHER_FIELDS: Mapping[str, str] = {"dp_cp_ag": "dp_cp", "expt_dp_ag": "expt_dp"}
 
 #: Field -> kind name, from the kind table's ``pg_field`` column.
 FIELD_KINDS: Mapping[str, str] = {k.pg_field: k.name for k in KIND_TABLE if k.pg_field}
 
 _NO_CHECK: Dict[str, Any] = {"check_initialized": False}
-#: Field -> (getter of megatron-core's ``parallel_state``, keyword arguments), exactly
-#: as ``use_mpu_process_groups()`` calls them in 0.16.1.
+_REPLICATE: Dict[str, Any] = {"with_gtp_remat": False}
+#: Keyword arguments megatron-core < 0.19 lacks; dropped where the getter has no such
+#: parameter (without GTP its plain answer is the same group). Every answer is checked
+#: against the layout anyway.
+_SINCE_GTP = frozenset({"with_gtp_remat", "with_egtp_remat"})
+#: Field -> (getter of megatron-core's ``parallel_state``, keyword arguments), as
+#: ``use_mpu_process_groups()`` calls them in 0.19.2 (0.16.1 without the GTP arguments).
 _MPU_GETTERS: Mapping[str, Tuple[str, Dict[str, Any]]] = {
     "tp": ("get_tensor_model_parallel_group", _NO_CHECK),
     "pp": ("get_pipeline_model_parallel_group", _NO_CHECK),
@@ -91,16 +117,27 @@ _MPU_GETTERS: Mapping[str, Tuple[str, Dict[str, Any]]] = {
     "expt_tp": ("get_expert_tensor_parallel_group", _NO_CHECK),
     "tp_ep": ("get_expert_tensor_and_model_parallel_group", _NO_CHECK),
     "tp_ep_pp": ("get_expert_tensor_model_pipeline_parallel_group", _NO_CHECK),
+    "tp_ep_pp_with_egtp_remat": (
+        "get_expert_tensor_model_pipeline_parallel_group", {**_NO_CHECK, "with_egtp_remat": True}
+    ),
     "embd": ("get_embedding_group", _NO_CHECK),
     "pos_embd": ("get_position_embedding_group", _NO_CHECK),
-    "dp": ("get_data_parallel_group", {}),
-    "dp_cp": ("get_data_parallel_group", {"with_context_parallel": True}),
-    "intra_dp_cp": ("get_data_parallel_group", {"with_context_parallel": True, "partial_data_parallel": True}),
-    "intra_expt_dp": ("get_expert_data_parallel_group", {**_NO_CHECK, "partial_expert_data_parallel": True}),
+    "dp": ("get_data_parallel_group", _REPLICATE),
+    "dp_cp": ("get_data_parallel_group", {"with_context_parallel": True, **_REPLICATE}),
+    "dp_cp_gtp_remat": ("get_data_parallel_group", {"with_context_parallel": True, "with_gtp_remat": True}),
+    "intra_dp_cp": (
+        "get_data_parallel_group", {"with_context_parallel": True, **_REPLICATE, "partial_data_parallel": True}
+    ),
+    "intra_expt_dp": (
+        "get_expert_data_parallel_group", {**_NO_CHECK, **_REPLICATE, "partial_expert_data_parallel": True}
+    ),
     "inter_dist_opt": ("get_inter_distributed_optimizer_instance_group", _NO_CHECK),
     "intra_dist_opt": ("get_intra_distributed_optimizer_instance_group", _NO_CHECK),
-    "expt_dp": ("get_expert_data_parallel_group", _NO_CHECK),
+    "expt_dp": ("get_expert_data_parallel_group", {**_NO_CHECK, **_REPLICATE}),
+    "expt_dp_gtp_remat": ("get_expert_data_parallel_group", {**_NO_CHECK, "with_gtp_remat": True}),
     "tp_dp_cp": ("get_tensor_and_data_parallel_group", {**_NO_CHECK, "with_context_parallel": True}),
+    "gtp_remat": ("get_gtp_weight_remat_group", _NO_CHECK),
+    "expt_gtp_remat": ("get_expert_gtp_weight_remat_group", _NO_CHECK),
 }
 
 #: Fields that may be None on some or all ranks in megatron-core (taken as the MPU gives them).
@@ -152,14 +189,18 @@ def _ranks(group: Any) -> List[int]:
     return sorted(dist.get_process_group_ranks(group))
 
 
-def _from_mpu(bridge: "Bridge", mpu: object) -> Dict[str, Any]:
-    """The fields the MPU answers itself (its own objects), checked against the layout."""
+def _from_mpu(bridge: "Bridge", mpu: object, fields: Tuple[str, ...]) -> Dict[str, Any]:
+    """The ``fields`` the MPU answers itself (its own objects), checked against the layout."""
     layout, rank = bridge.layout, bridge.rank
     out: Dict[str, Any] = {}
-    for field, (name, kwargs) in _MPU_GETTERS.items():
+    for field in fields:
+        if field not in _MPU_GETTERS:
+            continue
+        name, kwargs = _MPU_GETTERS[field]
         getter = getattr(mpu, name, None)
         if not callable(getter):
             continue
+        kwargs = _supported(getter, kwargs)
         try:
             group = getter(**kwargs)
         except (AssertionError, TypeError, RuntimeError, ValueError):
@@ -178,6 +219,17 @@ def _from_mpu(bridge: "Bridge", mpu: object) -> Dict[str, Any]:
     return out
 
 
+def _supported(getter: Any, kwargs: Mapping[str, Any]) -> Dict[str, Any]:
+    """``kwargs`` less the GTP-era ones ``getter`` does not take (megatron-core < 0.19)."""
+    try:
+        params = inspect.signature(getter).parameters
+    except (TypeError, ValueError):
+        return dict(kwargs)
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return dict(kwargs)
+    return {k: v for k, v in kwargs.items() if k in params or k not in _SINCE_GTP}
+
+
 def _kwargs(kwargs: Mapping[str, Any]) -> str:
     return ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
 
@@ -188,17 +240,24 @@ def _embedding_groups(bridge: "Bridge") -> Tuple[Any, Any]:
     return (None if embd is None else embd.group), (None if pos is None else pos.group)
 
 
-def collection_groups(bridge: "Bridge") -> Dict[str, Any]:
-    """Field -> group (or None, or a list for ``hcp``) for every name of :data:`FIELDS`.
+def collection_groups(
+    bridge: "Bridge", fields: Tuple[str, ...] = FIELDS, *, all_gather: bool = False
+) -> Dict[str, Any]:
+    """Field -> group (or None, or a list for ``hcp``) for each name of ``fields`` (a
+    subset of :data:`FIELDS`, in that order; default all of them).
 
     The fields the MPU answers are its own objects (local); the rest come from the
-    bridge (collective the first time). Example:
+    bridge (collective the first time). ``all_gather`` creates the all-gather twins
+    (see the module docstring). Example:
     ``collection_groups(bridge)["tp"] is bridge.tensor_parallel().group`` over megatron-core.
     """
+    wanted = [f for f in FIELDS if f in fields]  # fixed order: every rank makes the same requests
+    needs = set(wanted) | {ALL_GATHER_FIELDS[f] for f in wanted if f in ALL_GATHER_FIELDS}
     reader = bridge.reader
-    out = _from_mpu(bridge, reader.mpu) if reader is not None else {}
-    for field in FIELDS:  # fixed order: every rank makes the same requests
-        if field in out:
+    ordered = tuple(f for f in FIELDS if f in needs)
+    out = _from_mpu(bridge, reader.mpu, ordered) if reader is not None else {}
+    for field in ordered:
+        if field in out or field in ALL_GATHER_FIELDS or field in ("embd", "pos_embd"):
             continue
         if field in FIELD_KINDS:
             out[field] = bridge.group(FIELD_KINDS[field]).group
@@ -206,19 +265,39 @@ def collection_groups(bridge: "Bridge") -> Dict[str, Any]:
             out[field] = None  # megatron-core: no hierarchical CP, one optimizer instance
         elif field == "intra_dist_opt":
             out[field] = bridge.world().group  # one optimizer instance: the whole world
-    if "embd" not in out or "pos_embd" not in out:
-        # last: these leave ranks out, so every covering rank set is registered before them
+        elif field == "intra_dp_cp":
+            out[field] = out.get("dp_cp") or bridge.group("dp-cp").group
+        elif field == "intra_expt_dp":
+            out[field] = out.get("expt_dp") or bridge.group("edp").group
+    if needs & {"embd", "pos_embd"} and ("embd" not in out or "pos_embd" not in out):
+        # after the covering kinds: these leave ranks out, so every covering rank set is registered first
         embd, pos = _embedding_groups(bridge)
         out.setdefault("embd", embd)
         out.setdefault("pos_embd", pos)
-    # one distributed-optimizer instance: the partial groups are the full ones
-    out.setdefault("intra_dp_cp", out["dp_cp"])
-    out.setdefault("intra_expt_dp", out["expt_dp"])
-    return {field: out[field] for field in FIELDS}
+    for field in ALL_GATHER_FIELDS:
+        if field in needs:  # last: their own communicators, created only when asked for
+            out[field] = _all_gather_group(bridge, field) if all_gather else None
+    return {field: out[field] for field in wanted}
 
 
-def process_group_collection(bridge: "Bridge") -> Any:
-    """megatron-core's ``ProcessGroupCollection`` over ``bridge``'s groups (see the module docstring).
+def _all_gather_group(bridge: "Bridge", field: str) -> Any:
+    """The all-gather twin of ``field``'s twin (its own communicator); None for
+    ``expt_dp_ag`` without expert parallelism, as in megatron-core."""
+    kind = FIELD_KINDS[field]
+    if field == "expt_dp_ag" and bridge.layout.config.ep == 1:
+        return None
+    return bridge.group(kind).group  # a twin kind: its own channel in the registry
+
+
+def declared_fields(cls: Any) -> Tuple[str, ...]:
+    """The names of :data:`FIELDS` that ``cls`` (a ``ProcessGroupCollection`` class) declares."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return tuple(f for f in FIELDS if f in names)
+
+
+def process_group_collection(bridge: "Bridge", *, all_gather: bool = False) -> Any:
+    """megatron-core's ``ProcessGroupCollection`` over ``bridge``'s groups, every field the
+    installed release declares (see the module docstring).
 
     Raises MissingDependencyError (a BridgeError) where megatron-core is missing or
     older than :data:`FIRST_RELEASE`, before any communication.
@@ -226,6 +305,5 @@ def process_group_collection(bridge: "Bridge") -> Any:
     Example: ``process_group_collection(bridge).dp is bridge.data_parallel().group``.
     """
     cls = collection_class()
-    names = {f.name for f in dataclasses.fields(cls)}
-    groups = collection_groups(bridge)
-    return cls(**{field: group for field, group in groups.items() if field in names})
+    groups = collection_groups(bridge, declared_fields(cls), all_gather=all_gather)
+    return cls(**groups)

@@ -9,7 +9,7 @@ values every rank sees alike. No torch, no store: testable without processes.
 
 Example::
 
-    >>> decide_strategy("local_new_group", equal_counts=True, fresh_names=True)
+    >>> decide_strategy("local_new_group", equal_salts=True, fresh_names=True)
     ('local_new_group', None)
 """
 
@@ -22,7 +22,8 @@ from typing import AbstractSet, List, Optional, Sequence, Tuple
 from .partitions import Partition
 
 __all__ = [
-    "STRATEGIES", "digest", "reuse_votes", "merge_votes", "held_counts", "safe_without_check", "decide_strategy",
+    "STRATEGIES", "FALLBACK_REASONS", "digest", "reuse_votes", "merge_votes", "salts", "safe_without_check",
+    "decide_strategy",
 ]
 
 #: The creation strategies a registry can use (``"auto"`` picks one of them).
@@ -30,14 +31,15 @@ STRATEGIES = ("split_group", "local_new_group", "new_group")
 
 #: Why a member-only batch falls back to the all-ranks loop, by cause.
 FALLBACK_REASONS = {
-    "count": (
-        "the members of some group hold different numbers of process groups (e.g. after "
-        "megatron-core's embedding groups with pp > 1), so PyTorch would name that group "
-        "differently on its members"
+    "salt": (
+        "the members of some group would hash different salts into its name (PyTorch names a "
+        "member-only group after its ranks and a per-rank number: the groups the rank holds up to "
+        "PyTorch 2.13, its group counter from 2.14; they differ e.g. after megatron-core's embedding "
+        "groups with pp > 1), so PyTorch would name that group differently on its members"
     ),
     "unchecked": (
         "without the cross-rank plan check (verify_plan=False, or the 'fake' backend) the registry "
-        "cannot see how many process groups each rank holds, and groups that left ranks out "
+        "cannot see each rank's salt for member-only group names, and groups that left ranks out "
         "(embedding groups) were created before, or this batch orders such families unsafely"
     ),
     "mixed": (
@@ -46,8 +48,18 @@ FALLBACK_REASONS = {
         "every group and the holders keep the communicator they have"
     ),
     "stale": (
-        "PyTorch would reuse the name of a group destroyed earlier (same ranks, same number of "
-        "groups held), and its rendezvous would read stale addresses"
+        "PyTorch would reuse the name of a group destroyed earlier (same ranks, same salt), and its "
+        "rendezvous would read stale addresses"
+    ),
+    "naming": (
+        "this PyTorch's naming of member-only groups is not recognised on some rank (each rank logs "
+        "what it found), and a group named differently on its members would hang or meet the wrong "
+        "peers"
+    ),
+    "counter": (
+        "a family that leaves ranks out is created here, and with this PyTorch creating a member-only "
+        "group may also advance PyTorch's group counter on its members alone (it does from PyTorch "
+        "2.14); the ranks' counters, which name every all-ranks group, would then differ for good"
     ),
 }
 
@@ -123,28 +135,29 @@ def merge_votes(
     return reuse
 
 
-def held_counts(votes: Sequence[str], held: int) -> List[int]:
-    """How many process groups this rank will hold when it creates its group of each
-    partition of a batch, member-only and in order: ``held`` plus one for every earlier
-    partition it creates a group for (vote ``"0"``, see :func:`reuse_votes`).
+def salts(votes: Sequence[str], salt: int) -> List[int]:
+    """The salt this rank will hash into the name of its group of each partition of a batch
+    (see :data:`FALLBACK_REASONS` ``"salt"``), created member-only and in order: ``salt`` plus
+    one for every earlier partition it creates a group for (vote ``"0"``, see :func:`reuse_votes`).
 
-    PyTorch names a member-only group after its ranks and that number, so the members
-    of a group must see the same one. Example: ``held_counts(["0", "-", "0"], 5) == [5, 6, 6]``.
+    Under both known PyTorch rules a member-only creation adds one to its caller's salt and
+    to no other rank's, so the members of a group must start from equal salts. Example:
+    ``salts(["0", "-", "0"], 5) == [5, 6, 6]``.
     """
     out = []
     for vote in votes:
-        out.append(held)
-        held += vote == "0"
+        out.append(salt)
+        salt += vote == "0"
     return out
 
 
 def safe_without_check(parts: Sequence[Partition], world_size: int) -> bool:
     """Whether member-only creation of ``parts`` keeps every group's members at equal
-    group counts *by construction*, for when no rank can see the others' counts.
+    salts *by construction*, for when no rank can see the others' salts.
 
-    Assumes every rank holds the same number of groups before the batch. A partition
-    that covers the world adds one group on every rank; one that leaves ranks out adds
-    one only on its members. So: every covering partition before the first that leaves
+    Assumes every rank has the same salt before the batch. A partition that covers the
+    world adds one to the salt on every rank; one that leaves ranks out adds one only on
+    its members. So: every covering partition before the first that leaves
     ranks out, and after that only groups of one rank (a group of one cannot disagree
     with itself). Example: ``[tp, dp, embedding (groups of 2), position embedding
     (groups of 1)]`` is safe; ``[embedding, tp]`` is not.
@@ -161,25 +174,38 @@ def safe_without_check(parts: Sequence[Partition], world_size: int) -> bool:
 
 
 def decide_strategy(
-    chosen: str, *, equal_counts: bool, checked: bool = True, fresh_names: bool = True, mixed: bool = False
+    chosen: str,
+    *,
+    equal_salts: bool,
+    checked: bool = True,
+    fresh_names: bool = True,
+    mixed: bool = False,
+    named: bool = True,
+    counter_safe: bool = True,
 ) -> Tuple[str, Optional[str]]:
     """``(strategy, fallback reason)`` for a batch: the registry's ``chosen`` strategy,
     or ``new_group`` when member-only creation would be unsafe (see
     :data:`FALLBACK_REASONS`), and for every strategy when some partition's votes are
-    ``mixed`` (see :func:`merge_votes`). ``equal_counts``: the members of every group
-    to create hold equal numbers of groups (measured in the agreement when ``checked``,
-    else :func:`safe_without_check`). Inputs are unanimous facts, so every rank
-    decides alike.
+    ``mixed`` (see :func:`merge_votes`). ``named``: every rank recognises how its PyTorch
+    names member-only groups. ``counter_safe``: creating the batch member-only keeps the
+    ranks' group counters equal (no created family leaves ranks out, or member-only
+    creation leaves the counter alone). ``equal_salts``: the members of every group to
+    create will hash equal salts (measured in the agreement when ``checked``, else
+    :func:`safe_without_check`). Inputs are unanimous facts, so every rank decides alike.
 
-    Example: ``decide_strategy("local_new_group", equal_counts=False)`` is
-    ``("new_group", FALLBACK_REASONS["count"])``.
+    Example: ``decide_strategy("local_new_group", equal_salts=False)`` is
+    ``("new_group", FALLBACK_REASONS["salt"])``.
     """
     if mixed:
         return "new_group", FALLBACK_REASONS["mixed"]
     if chosen != "local_new_group":
         return chosen, None
-    if not equal_counts:
-        return "new_group", FALLBACK_REASONS["count" if checked else "unchecked"]
+    if not named:
+        return "new_group", FALLBACK_REASONS["naming"]
+    if not counter_safe:
+        return "new_group", FALLBACK_REASONS["counter"]
+    if not equal_salts:
+        return "new_group", FALLBACK_REASONS["salt" if checked else "unchecked"]
     if not fresh_names:
         return "new_group", FALLBACK_REASONS["stale"]
     return chosen, None

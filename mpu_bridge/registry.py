@@ -17,22 +17,36 @@ kind, which together cover the world. :meth:`GroupRegistry.ensure` takes a batch
    partition (reuse or create, and how), identical on every rank;
 3. a :mod:`mpu_bridge.strategies` object creates what is missing.
 
-The member-only strategy has a hazard in PyTorch (checked in 2.13's
-``distributed_c10d._hash_ranks_to_str``): such a group is named
-``sha1("<ranks joined by _>_<len(_world.pg_names)>")``, i.e. by its ranks *and the
-number of groups the calling process holds*, and that name is the store prefix
-under which the members rendezvous. So (a) every member must hold the same number
-of groups when it creates the group, and (b) a name must never repeat: after
-``destroy_process_group`` the count drops, the same ranks hash to the same name
-again, and the new group's rendezvous reads the dead group's addresses from the
-store. The registry therefore uses member-only creation for a batch only when the
-round shows that the members of every group to create will hold the same number
-of groups (a grouped fact, :func:`mpu_bridge.agreement.agree`: O(1) store
-operations per rank and partition) and none of the names about to be used was used
-before in this store; otherwise that batch falls back to ``new_group`` (logged
-once). Ranks may hold different numbers of groups -- after embedding groups, which
-leave ranks out -- as long as each group's members agree. Without the round
-(``verify_plan=False``, the ``fake`` backend) the registry cannot measure that, and
+The member-only strategy has a hazard in PyTorch: such a group is named
+``sha1("<ranks joined by _>_<salt>")``, by its ranks *and a per-rank number*, the
+salt, and that name is the store prefix under which the members rendezvous. Which
+number is the salt changed between releases (``distributed_c10d._hash_ranks_to_str``):
+up to 2.13 it is how many groups the calling process holds (``len(_world.pg_names)``),
+from 2.14 it is PyTorch's group counter (``_world.group_count``), which then also moves
+with every member-only group on its members alone -- and the same counter names every
+all-ranks ``new_group``. :func:`mpu_bridge._torch.member_only_naming` finds the running
+release's rule by behaviour; a PyTorch it does not recognise gets no member-only
+creation at all (the all-ranks loop, said once in the log). So:
+
+(a) every member must hash the same salt when it creates the group: the registry uses
+    member-only creation for a batch only when the round shows that the members of
+    every group to create will (a grouped fact, :func:`mpu_bridge.agreement.agree`:
+    O(1) store operations per rank and partition); ranks may differ -- after embedding
+    groups, which leave ranks out -- as long as each group's members agree;
+(b) a name must never repeat: after ``destroy_process_group`` the held-group count
+    drops (and a re-initialised world restarts the counter), the same ranks hash to the
+    same name again, and the new group's rendezvous reads the dead group's addresses
+    from the store; the registry marks every name it used in the store and falls back
+    when one is about to repeat;
+(c) the ranks' group counters must stay equal, or every later all-ranks group (the
+    registry's, megatron-core's, the user's) is named differently on different ranks:
+    where member-only creation may move the counter (from 2.14, and wherever the probe
+    cannot tell), a batch that creates a family leaving ranks out uses the all-ranks
+    loop, which moves every rank's counter alike; and the all-ranks loop itself runs
+    only when the round shows every rank's counter equal (else a clear error).
+
+Otherwise a batch falls back to ``new_group`` (the reason logged once). Without the
+round (``verify_plan=False``, the ``fake`` backend) the registry cannot measure (a), and
 falls back once it has created a family that leaves ranks out
 (:func:`mpu_bridge.planning.safe_without_check`).
 
@@ -72,9 +86,6 @@ logger = logging.getLogger(__name__)
 
 # Store keys marking member-only group names already used (see the module docstring).
 _USED_NAME_PREFIX = "mpu_bridge/used_group_name"
-
-#: Kept for callers of the old private name.
-_hashed_group_name = _torch.hashed_group_name
 
 
 @dataclass
@@ -179,8 +190,11 @@ class GroupRegistry:
         self._closed = False
         self._warned: set = set()
         self._strategies: Dict[str, strategies.Strategy] = {}
-        # Set once a group that leaves ranks out is created: the ranks' group counts differ.
+        # Set once a group that leaves ranks out is created: the ranks' salts may differ.
         self._uneven = False
+        # Fingerprints of the partitions ensured so far (without the round: a rank in none of
+        # a partition's groups knows it exists on the others only from this).
+        self._ensured: set = set()
         self._world_borrowed: Any = None  # the first borrowed group over the whole world
         self.created = self.borrowed = self.reused = self.agreements = self.fallbacks = 0
         logger.info(
@@ -349,6 +363,8 @@ class GroupRegistry:
                     results.append(self._create_keeping(p))
                 else:
                     results.append(self._create(p, strategy))
+            if not self.verify_plan:
+                self._ensured.update(p.fingerprint() for p in parts if p.own is None)
             return results
 
     def fail_round(self, exc: Exception, label: str = "") -> None:
@@ -423,9 +439,7 @@ class GroupRegistry:
         """Agree on the batch and decide, identically on every rank, what to reuse and how to create."""
         votes = planning.reuse_votes(parts, self._registered(), self.world_size if self.serves_world() else 0)
         if not self.verify_plan:
-            equal = not self._uneven and planning.safe_without_check(parts, self.world_size)
-            strategy, reason = planning.decide_strategy(self.strategy, equal_counts=equal, checked=False)
-            return [v == "1" for v in votes], self._note_fallback(strategy, reason)
+            return self._plan_unchecked(parts, votes)
         facts, grouped = _batch_facts(parts, votes, self.strategy, self._store)
         digest, summary = planning.digest(
             parts, label, backend=self.backend, strategy=self.requested_strategy, options=self.pg_options
@@ -444,14 +458,38 @@ class GroupRegistry:
         )
         strategy, reason = planning.decide_strategy(
             self.strategy,
-            equal_counts=equal,
-            fresh_names=result.is_unanimous("fresh") and facts.get("fresh", "1") == "1",
+            equal_salts=equal,
+            fresh_names=_everyone(result, facts, "fresh"),
             mixed=any(r is None for r in reuse),
+            named=_everyone(result, facts, "naming"),
+            counter_safe=_everyone(result, facts, "apart") or self._covering(parts, reuse),
         )
         strategy = self._note_fallback(strategy, reason)
         if strategy == "new_group" and not all(reuse) and not result.is_unanimous("seq"):
             raise _sequence_error(self.rank, result)
         return reuse, strategy
+
+    def _plan_unchecked(self, parts: Sequence[Partition], votes: List[str]) -> Tuple[List[Optional[bool]], str]:
+        """The decision without the round, from what every rank knows alike (see the module docstring)."""
+        reuse: List[Optional[bool]] = [
+            v == "1" or (v == "-" and p.fingerprint() in self._ensured) for p, v in zip(parts, votes)
+        ]
+        strategy = self.strategy
+        if strategy == "local_new_group":
+            naming = _torch.member_only_naming()
+            strategy, reason = planning.decide_strategy(
+                strategy,
+                equal_salts=not self._uneven and planning.safe_without_check(parts, self.world_size),
+                checked=False,
+                named=naming.recognised,
+                counter_safe=naming.counter_apart or self._covering(parts, reuse),
+            )
+            strategy = self._note_fallback(strategy, reason)
+        return reuse, strategy
+
+    def _covering(self, parts: Sequence[Partition], reuse: Sequence[Optional[bool]]) -> bool:
+        """Whether every partition the batch creates covers the world."""
+        return all(reused is not False or p.covers(self.world_size) for p, reused in zip(parts, reuse))
 
     def _note_fallback(self, strategy: str, reason: Optional[str]) -> str:
         if reason is None:
@@ -481,9 +519,9 @@ class GroupRegistry:
         return held
 
     def _create(self, p: Partition, strategy: str) -> Optional[Any]:
-        held = _torch.groups_held()
+        creator = self._strategy(strategy)
         try:
-            group = self._strategy(strategy).create(p)
+            group = creator.create(p)
         except BridgeError:
             raise
         except Exception as exc:  # torch raises RuntimeError, ValueError, DistError ...
@@ -496,9 +534,9 @@ class GroupRegistry:
             self._uneven = True
         if group is None or p.own is None:
             return None
-        if strategy == "local_new_group" and self._store is not None and self.rank == p.own[0]:
-            name = _torch.group_name(group) or _torch.hashed_group_name(p.own, held)
-            self._store.set(f"{_USED_NAME_PREFIX}/{name}", p.key)
+        if isinstance(creator, strategies.LocalNewGroup) and self._store is not None and self.rank == p.own[0]:
+            if creator.last_name:
+                self._store.set(f"{_USED_NAME_PREFIX}/{creator.last_name}", p.key)
         entry = _Entry(tuple(p.own), group, borrowed=False, source=p.key, strategy=strategy)
         self._entries[self._key(p.own)] = entry
         self._created.append(entry)
@@ -506,22 +544,36 @@ class GroupRegistry:
         return group
 
 
+def _everyone(result: Agreement, facts: Dict[str, str], name: str) -> bool:
+    """Whether every rank published ``"1"`` for fact ``name`` (True when nobody published it)."""
+    return facts.get(name, "1") == "1" and result.is_unanimous(name)
+
+
 def _batch_facts(
     parts: Sequence[Partition], votes: List[str], strategy: str, store: Any
 ) -> Tuple[Dict[str, str], Dict[str, Optional[Tuple[str, str]]]]:
     """What this rank publishes for a batch: facts every rank must share, and grouped facts
-    each group's members must share, for the decision to be safe (see the module docstring)."""
+    each group's members must share, for the decision to be safe (see the module docstring).
+
+    ``seq``: PyTorch's group counter (all-ranks names). For member-only creation also
+    ``naming`` (this rank recognises PyTorch's member-only naming), ``apart`` (creating a
+    member-only group provably leaves the counter alone here), ``fresh`` (no name about to
+    be used was used before) and, per partition, ``salt/<i>``: (this rank's group, the
+    salt it will name it with)."""
     facts: Dict[str, str] = {"reuse": "".join(votes)}
     grouped: Dict[str, Optional[Tuple[str, str]]] = {}
     if strategy != "split_group":
         facts["seq"] = str(_torch.group_counter())
     if strategy == "local_new_group":
-        counts = planning.held_counts(votes, _torch.groups_held())
+        naming = _torch.member_only_naming()
+        facts["naming"] = "1" if naming.recognised else "0"
+        facts["apart"] = "1" if naming.counter_apart else "0"
         names = []
-        for i, (p, vote, held) in enumerate(zip(parts, votes, counts)):
-            grouped[f"held/{i}"] = None if p.own is None else (str(p.own[0]), str(held))
-            if vote == "0":
-                names.append(_torch.hashed_group_name(p.own, held))  # type: ignore[arg-type]
+        salts = planning.salts(votes, naming.salt if naming.salt is not None else -1)
+        for i, (p, vote, salt) in enumerate(zip(parts, votes, salts)):
+            grouped[f"salt/{i}"] = None if p.own is None else (str(p.own[0]), str(salt))
+            if vote == "0" and naming.recognised:
+                names.append(_torch.hashed_group_name(p.own, salt))  # type: ignore[arg-type]
         stale = any(store.check([f"{_USED_NAME_PREFIX}/{n}"]) for n in names)
         facts["fresh"] = "0" if stale else "1"
     return facts, grouped
@@ -530,8 +582,9 @@ def _batch_facts(
 def _sequence_error(rank: int, result: Agreement) -> GroupCreationError:
     table = result.collect()
     return GroupCreationError(
-        f"rank {rank}: cannot create groups with new_group: the ranks have created "
-        f"different numbers of all-ranks groups so far, so PyTorch's sequential group "
-        f"names would not match (PyTorch's group counter: {table.describe_fact('seq')}). Every rank "
-        "must create the same groups in the same order before this point."
+        f"rank {rank}: cannot create groups with new_group: PyTorch's group counter, which names "
+        f"every all-ranks group, differs across the ranks ({table.describe_fact('seq')}), so the "
+        "ranks would name the same group differently and different groups alike. Every rank must "
+        "create the same all-ranks groups in the same order before this point (and groups that "
+        "leave ranks out, from PyTorch 2.14, only by every rank entering them)."
     )

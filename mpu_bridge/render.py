@@ -28,7 +28,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 from .errors import LayoutError
 from .groupview import NODE_WALK_LIMIT, GroupView, NodeSet
-from .layout import Layout
+from .layout import GTP, Layout
 from .planrows import PlanRow, kind_row
 from .text import ELLIPSIS, abbreviate_ranks, table
 from .validate import optional_count as _limit  # None or an integer >= 0
@@ -78,15 +78,15 @@ def _check_extra(extra: Iterable[Any]) -> Tuple[PlanRow, ...]:
 def default_color_kind(layout: Layout) -> str:
     """The kind a picture is coloured by when none is chosen.
 
-    ``ep`` when expert parallelism is on, else the first of ``tp``, ``cp``, ``pp``,
-    ``dp`` whose groups have more than one rank (``tp`` when none has).
+    ``ep`` when expert parallelism is on, else the first of ``tp``, ``gtp``, ``cp``,
+    ``pp``, ``dp`` whose groups have more than one rank (``tp`` when none has).
 
     Example: ``default_color_kind(plan(64, tp=2, ep=4)) == "ep"``.
     """
     config = _check_layout(layout).config
     if config.ep > 1:
         return "ep"
-    for kind in ("tp", "cp", "pp", "dp"):
+    for kind in ("tp", "gtp", "cp", "pp", "dp"):
         if layout.size(kind) > 1:
             return kind
     return "tp"
@@ -95,7 +95,7 @@ def default_color_kind(layout: Layout) -> str:
 def row_width(layout: Layout) -> int:
     """Ranks per drawn row: ``gpus_per_node`` when known, else a multiple of tp·cp near 8.
 
-    Without ``gpus_per_node``: the smallest multiple of tp·cp that is at least 8,
+    Without ``gpus_per_node``: the smallest multiple of tp·gtp_remat·cp that is at least 8,
     at most 32 and divides the world; failing that, 8 (or the world when smaller).
 
     Example: ``row_width(plan(64, tp=2)) == 8``; ``row_width(plan(64, tp=16)) == 16``.
@@ -104,7 +104,7 @@ def row_width(layout: Layout) -> int:
     if config.gpus_per_node is not None:
         return config.gpus_per_node
     world = config.world_size
-    base = config.tp * config.cp
+    base = config.tp * config.gtp_remat * config.cp
     width = base
     while width <= 32:
         if width >= min(8, world) and world % width == 0:
@@ -129,25 +129,30 @@ def _describe_nodes(nodes: NodeSet) -> str:
 
 
 def _grid_text(layout: Layout, grid: str) -> str:
-    """One grid's dimensions in order-string order (first varies fastest), e.g. ``tp 2 × dp 16``."""
+    """One grid's dimensions in its order (first varies fastest), e.g. ``tp 2 × dp 16``; the GTP
+    axis (``gtp`` / ``egtp``) where megatron-core 0.19 puts it, when its size is above 1."""
     config = layout.config
     sizes: Dict[str, Tuple[str, Optional[int]]]
     if grid == "dense":
         sizes = {
             "tp": ("tp", config.tp),
+            GTP: ("gtp", config.gtp_remat),
             "cp": ("cp", config.cp),
             "dp": ("dp", config.dp),
             "pp": ("pp", config.pp),
         }
+        order = layout.dense.order  # every token, the ones the order string left out appended
     else:
         sizes = {
             "tp": ("etp", config.etp),
             "ep": ("ep", config.ep),
+            GTP: ("egtp", config.expert_gtp_remat),
             "dp": ("edp", config.edp),
             "pp": ("pp", config.pp),
         }
-    order = layout.dense.order  # every token, the ones the order string left out appended
-    return " × ".join(f"{sizes[token][0]} {sizes[token][1]}" for token in order if token in sizes)
+        order = layout.expert.order
+    shown = [t for t in order if t in sizes and (t != GTP or (sizes[t][1] or 1) > 1)]
+    return " × ".join(f"{sizes[token][0]} {sizes[token][1]}" for token in shown)
 
 
 def _header_lines(layout: Layout) -> List[str]:
@@ -285,17 +290,19 @@ def _gib(mib: float) -> str:
     return f"{mib / 1024:.1f} GiB"
 
 
-def budget_lines(budget: Dict[str, Any]) -> List[str]:
-    """A :func:`mpu_bridge.budget.budget` report as text: megatron-core's init against the bridge.
-
-    Example: ``budget_lines(budget(plan(16, tp=2, pp=2)))[0]`` starts ``communicator budget``.
-    """
+def _budget_rows(budget: Dict[str, Any]) -> List[List[str]]:
+    """The rows of :func:`budget_lines`' table: megatron-core's column against the bridge's."""
     rank, m, b = budget["rank"], budget["per_rank"]["megatron"], budget["per_rank"]["bridge"]
     most, world, mem = budget["max_per_rank"], budget["world"], budget["memory_mib"]
     calls = world["megatron_new_group"]
     rows = [
-        [f"groups on rank {rank} (NCCL)", str(m["nccl"]), str(b["rank_sets"])],
+        [f"groups on rank {rank} (NCCL)", str(m["nccl"]), str(b["communicators"])],
         ["  of which size 1", str(m["size_one"]), str(b["size_one"])],
+    ]
+    if b["twins"]:
+        twins = m["by_kind"].get("dp-cp-ag", {}).get("nccl", 0) + m["by_kind"].get("edp-ag", {}).get("nccl", 0)
+        rows.append(["  of which all-gather twins", str(twins), str(b["twins"])])
+    return rows + [
         ["  gloo twins (gloo on)", str(m["gloo"]), "0"],
         ["most NCCL groups on a rank", str(most["megatron_nccl"]), str(most["bridge"])],
         ["new_group calls, world", str(calls["gloo_on"]), str(world["bridge_new_group"])],
@@ -304,13 +311,24 @@ def budget_lines(budget: Dict[str, Any]) -> List[str]:
         [f"comm memory, rank {rank}", _gib(mem["megatron"]), _gib(mem["bridge"])],
         ["comm memory, worst rank", _gib(mem["megatron_max"]), _gib(mem["bridge_max"])],
     ]
+
+
+def budget_lines(budget: Dict[str, Any]) -> List[str]:
+    """A :func:`mpu_bridge.budget.budget` report as text: megatron-core's init against the bridge.
+
+    Example: ``budget_lines(budget(plan(16, tp=2, pp=2)))[0]`` starts ``communicator budget``.
+    """
+    rank, m = budget["rank"], budget["per_rank"]["megatron"]
+    line, source = budget["megatron"]["line"], budget["megatron"]["source"]
     kinds = ", ".join(
         f"{kind} {c['nccl']}" + (f"+{c['gloo']}g" if c["gloo"] else "") for kind, c in m["by_kind"].items()
     )
     return [
         f"communicator budget (rank {rank}; {budget['comm_mb']:g} MiB per NCCL communicator, --comm-mb)",
-        *table(["", "megatron-core", "mpu-bridge"], rows, right=(1, 2)),
+        f"megatron-core {line} line ({source}; --megatron)",
+        *table(["", "megatron-core", "mpu-bridge"], _budget_rows(budget), right=(1, 2)),
         f"megatron-core groups on rank {rank}, by kind (NCCL+gloo): {kinds}",
+        *(f"note: {note}" for note in budget["notes"]),
     ]
 
 

@@ -78,33 +78,49 @@ class SplitGroup(Strategy):
 class LocalNewGroup(Strategy):
     """Member-only ``new_group``: each rank creates just its own group.
 
-    ``on_created(name, partition)`` is told the PyTorch name of each group this rank
-    created (the registry marks it used in the store, see :mod:`mpu_bridge.registry`).
+    ``last_name`` is the PyTorch name of the group this rank created last (the registry
+    marks it used in the store, see :mod:`mpu_bridge.registry`). Each creation checks
+    PyTorch's name against :func:`mpu_bridge._torch.member_only_naming`'s prediction;
+    a mismatch is logged and ends member-only creation in this process.
     """
 
     name = "local_new_group"
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self._scheme_checked = False
+        self.last_name: Optional[str] = None
 
     def create(self, p: Partition) -> Optional[Any]:
         if p.own is None:
             return None
-        held = _torch.groups_held()
+        naming = _torch.member_only_naming()
+        counter = _torch.group_counter()
         group = dist.new_group(list(p.own), use_local_synchronization=True, **self._new_group_kwargs(p.key))
-        if not self._scheme_checked:
-            # The prediction costs O(group size), as PyTorch's own naming does: once.
-            self._scheme_checked = True
-            name, predicted = _torch.group_name(group), _torch.hashed_group_name(p.own, held)
-            if name is not None and name != predicted:
-                logger.warning(
-                    "mpu-bridge: PyTorch named a member-only group %s, not %s as expected; the check "
-                    "against reused group names is unreliable with this PyTorch version",
-                    name,
-                    predicted,
-                )
+        name = _torch.group_name(group)
+        if naming.salt is not None:
+            predicted = _torch.hashed_group_name(p.own, naming.salt)
+            _check_naming(name, predicted, naming, _torch.group_counter() - counter)
+            name = name or predicted
+        self.last_name = name
         return group
+
+
+def _check_naming(name: Optional[str], predicted: str, naming: _torch.MemberOnlyNaming, moved: int) -> None:
+    """Distrust member-only naming for good if PyTorch named a group otherwise than predicted,
+    or moved its group counter otherwise than the probed rule implies."""
+    problem = None
+    if name is not None and name != predicted:
+        problem = f"PyTorch named a member-only group {name}, not {predicted} as its own _hash_ranks_to_str predicted"
+    elif moved not in {"pg_names": (0,), "group_count": (1,)}.get(naming.source, (0, 1)):
+        problem = (
+            f"creating a member-only group moved PyTorch's group counter by {moved}, which its salt "
+            f"({naming.source}) does not explain"
+        )
+    if problem is not None:
+        _torch.distrust(problem)
+        logger.warning(
+            "mpu-bridge: %s; from now on this process creates groups with new_group on every rank", problem
+        )
 
 
 class AllRanksNewGroup(Strategy):
@@ -148,8 +164,10 @@ def choose(requested: str, *, backend: str, default_backend: str) -> str:
     """The strategy to use: ``requested`` checked against the runtime, or ``"auto"`` resolved.
 
     Raises GroupCreationError naming what is missing when an explicit request cannot work.
-    Example: on a gloo world, ``choose("auto", backend="gloo", default_backend="gloo")``
-    is ``"local_new_group"``.
+    Member-only creation needs a PyTorch whose naming of such groups is recognised
+    (:func:`mpu_bridge._torch.member_only_naming`); ``"auto"`` falls back to the all-ranks
+    loop otherwise, and says why once per process. Example: on a gloo world,
+    ``choose("auto", backend="gloo", default_backend="gloo")`` is ``"local_new_group"``.
     """
     bound = _torch.bound_device()
     same_backend = backend == default_backend
@@ -170,12 +188,35 @@ def choose(requested: str, *, backend: str, default_backend: str) -> str:
                 f"strategy 'local_new_group' needs new_group(use_local_synchronization=True) "
                 f"(PyTorch >= 2.1, not MPI); backend {backend!r}; use strategy='auto'"
             )
+        naming = _torch.member_only_naming()
+        if not naming.recognised:
+            raise GroupCreationError(
+                "strategy 'local_new_group' needs to predict the names PyTorch gives member-only "
+                f"groups, and this PyTorch's naming is not recognised: {naming.problem}; use "
+                "strategy='auto' (the all-ranks new_group loop) or strategy='new_group'"
+            )
         return "local_new_group"
     if requested == "new_group":
         return "new_group"
     if bound is not None:
         return "split_group" if (has_split and same_backend) else "new_group"
-    return "local_new_group" if has_local else "new_group"
+    if not has_local:
+        return "new_group"
+    naming = _torch.member_only_naming()
+    if not naming.recognised:
+        if naming.problem not in _told:
+            _told.add(naming.problem)
+            logger.warning(
+                "mpu-bridge: not creating groups member-only: this PyTorch's naming of member-only "
+                "groups is not recognised (%s); every rank enters every group's new_group instead",
+                naming.problem,
+            )
+        return "new_group"
+    return "local_new_group"
+
+
+#: The unrecognised-naming problems already logged in this process (one line each).
+_told: set = set()
 
 
 def _check_split(bound: Any, has_split: bool, same_backend: bool, backend: str, default_backend: str) -> None:

@@ -34,10 +34,11 @@ case "$job" in
         exec bash scripts/main_job.sh "$@"
         ;;
     test)
-        # Code health first (seconds): lint of everything (the package, its tests,
-        # benchmarks, examples and integration programs), and a type check of the package
-        # (it ships py.typed).
-        "$venv/bin/ruff" check mpu_bridge tests benchmarks examples integration_tests
+        # Code health first (seconds): lint of the whole repository (the package, its
+        # tests, compat/, benchmarks, examples, integration programs, scripts: every
+        # Python file but the environments ruff excludes), and a type check of the
+        # package (it ships py.typed).
+        "$venv/bin/ruff" check .
         "$venv/bin/mypy"
         exec "$venv/bin/python" -m pytest -q "$@"
         ;;

@@ -24,9 +24,18 @@ def megatron_parallel_state() -> Any:
     return parallel_state
 
 
+def supports_gtp(ps: Any) -> bool:
+    """Whether this megatron-core has Generalized Tensor Parallelism (0.19's ``gtp_remat_size``)."""
+    import inspect
+
+    return "gtp_remat_size" in inspect.signature(ps.initialize_model_parallel).parameters
+
+
 def initialize_megatron(ps: Any, **sizes: Any) -> None:
-    """``ps.initialize_model_parallel`` with ``tp``, ``pp``, ``cp``, ``ep``, ``etp`` and
-    ``order`` from ``sizes`` (other keys ignored), without gloo twins."""
+    """``ps.initialize_model_parallel`` with ``tp``, ``pp``, ``cp``, ``ep``, ``etp``,
+    ``order`` and (megatron-core 0.19) ``gtp_remat`` / ``expert_gtp_remat`` from ``sizes``
+    (other keys ignored), without gloo twins."""
+    gtp = {f"{k}_size": sizes[k] for k in ("gtp_remat", "expert_gtp_remat") if k in sizes}
     ps.initialize_model_parallel(
         tensor_model_parallel_size=sizes.get("tp", 1),
         pipeline_model_parallel_size=sizes.get("pp", 1),
@@ -35,4 +44,5 @@ def initialize_megatron(ps: Any, **sizes: Any) -> None:
         expert_tensor_parallel_size=sizes.get("etp"),
         order=sizes.get("order", DEFAULT_ORDER),
         create_gloo_process_groups=False,
+        **gtp,
     )

@@ -20,16 +20,16 @@ What is specified here:
 
 from __future__ import annotations
 
-import importlib.util
 from typing import Any, Dict, List, Tuple
 
 import pytest
 
 from _megatron import initialize_megatron, megatron_parallel_state
 from _multiproc import run_ranks
+from mpu_bridge.optional import is_available
 
 pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("megatron.core") is None,
+    not is_available("megatron.core"),
     reason="needs megatron-core (pip install 'mpu-bridge[megatron]')",
 )
 

@@ -23,6 +23,9 @@ from mpu_bridge.cli import main
 from mpu_bridge.layout import KINDS, plan
 from mpu_bridge.render import abbreviate_ranks, layout_report, render_svg
 
+#: The kinds a layout without GTP lists (the planner's rows).
+LISTED = plan(8).kinds
+
 SVG = "{http://www.w3.org/2000/svg}"
 
 #: 16 ranks, 4 nodes of 4 GPUs: tp 2, pp 2, ep 2 (dp 4, edp 2).
@@ -80,7 +83,7 @@ def test_text_has_one_row_per_kind_with_size_and_count(capsys):
     _, out, _ = run(capsys, *PLAN16)
     rows = table_rows(out, "kind ")
     layout = plan(16, tp=2, pp=2, ep=2, gpus_per_node=4)
-    assert list(rows) == list(KINDS)
+    assert list(rows) == list(LISTED)
     for kind, cells in rows.items():
         assert cells[0] == KINDS[kind].description
         assert int(cells[1]) == layout.size(kind)
@@ -101,7 +104,7 @@ def test_text_says_which_kinds_cross_nodes(capsys):
     _, out, _ = run(capsys, *PLAN16)
     column = {kind: cells[3] for kind, cells in table_rows(out, "kind ").items()}
     inside = {"tp", "cp", "tp-cp", "ep", "etp", "etp-ep"}
-    for kind in KINDS:
+    for kind in LISTED:
         assert column[kind] == ("yes" if kind in inside else "no — crosses nodes"), kind
 
 
@@ -197,14 +200,14 @@ def test_json_rank_lists_its_groups(capsys):
     assert mine["groups"]["ep"] == {"index": 3, "position": 0, "ranks": [5, 7], "nodes": [1]}
     assert mine["groups"]["edp"] == {"index": 1, "position": 1, "ranks": [1, 5], "nodes": [0, 1]}
     assert mine["groups"]["mp"]["ranks"] == [4, 5, 12, 13]
-    assert list(mine["groups"]) == list(KINDS)
+    assert list(mine["groups"]) == list(LISTED)
 
 
 def test_json_max_groups_all_lists_every_group(capsys):
     _, out, _ = run(capsys, *PLAN16, "--format", "json", "--max-groups", "all")
     data = json.loads(out)
     layout = plan(16, tp=2, pp=2, ep=2, gpus_per_node=4)
-    for kind in KINDS:
+    for kind in LISTED:
         assert data["kinds"][kind]["groups"] == layout.groups(kind)
         assert data["kinds"][kind]["truncated"] is False
 
@@ -312,7 +315,7 @@ small_configs = st.builds(
     st.integers(1, 6),
     st.integers(0, 10),
     st.integers(0, 10),
-    st.sampled_from(list(KINDS)),
+    st.sampled_from(list(LISTED)),
 )
 
 
@@ -342,7 +345,7 @@ def test_json_report_equals_to_dict(tp, pp, dp, rank_pick):
     rank = rank_pick % world
     report = json.loads(json.dumps(layout_report(layout, rank=rank, max_groups=3)))
     assert report["kinds"] == json.loads(json.dumps(layout.to_dict(max_groups=3)["kinds"]))
-    for kind in KINDS:
+    for kind in LISTED:
         assert report["rank"]["groups"][kind]["ranks"] == layout.group_of(kind, rank)
 
 
@@ -358,7 +361,7 @@ def test_text_shows_hpz_and_all_to_all_rows_in_their_own_table(capsys):
     ]
     assert rows["a2a-local"][1:4] == ["4", "4", "yes"]
     assert rows["a2a-global"][1:] == ["4", "4", "no — crosses nodes", "[0,4,8,12] [1,5,9,13] [2,6,10,14] [3,7,11,15]"]
-    assert list(table_rows(out, "kind ")) == list(KINDS)  # the kinds' table is unchanged
+    assert list(table_rows(out, "kind ")) == list(LISTED)  # the kinds' table is unchanged
     mine = table_rows(out, "family      group")
     assert mine == {
         "hpz": ["3", "0", "[5,7]", "node 1"],
@@ -379,7 +382,7 @@ def test_all_to_all_rows_need_gpus_per_node_and_hpz_needs_the_option(capsys):
 def test_json_lists_hpz_and_all_to_all_under_derived(capsys):
     _, out, _ = run(capsys, *PLAN16, "--hpz", "2", "--rank", "5", "--format", "json")
     data = json.loads(out)
-    assert list(data["kinds"]) == list(KINDS)
+    assert list(data["kinds"]) == list(LISTED)
     assert list(data["derived"]) == ["hpz", "a2a-local", "a2a-global"]
     assert data["derived"]["hpz"]["groups"] == [[0, 2], [4, 6], [1, 3], [5, 7], [8, 10], [12, 14], [9, 11], [13, 15]]
     assert data["derived"]["a2a-global"]["intra_node"] is False
@@ -574,7 +577,8 @@ def test_importing_the_cli_does_not_import_torch():
 
 # -- --budget --------------------------------------------------------------------
 
-BUDGET16 = ("plan", "--world-size", "16", "--tp", "2", "--pp", "2", "--budget")
+#: The budget of 16 ranks, tp 2, pp 2, modelled on the megatron-core 0.16 line (whatever is installed).
+BUDGET16 = ("plan", "--world-size", "16", "--tp", "2", "--pp", "2", "--budget", "--megatron", "0.16")
 
 
 def test_budget_text_compares_megatron_and_the_bridge(capsys):
@@ -583,7 +587,8 @@ def test_budget_text_compares_megatron_and_the_bridge(capsys):
     lines = out.splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("communicator budget"))
     assert "600 MiB per NCCL communicator" in lines[start]
-    rows = {line[:28].strip(): line[28:].split() for line in lines[start + 2 : start + 12]}
+    assert lines[start + 1] == "megatron-core 0.16 line (megatron='0.16'; --megatron)"
+    rows = {line[:28].strip(): line[28:].split() for line in lines[start + 3 : start + 13]}
     assert rows["groups on rank 0 (NCCL)"] == ["17", "6"]
     assert rows["gloo twins (gloo on)"] == ["3", "0"]
     assert rows["new_group calls, world"] == ["2000", "96"]
@@ -598,16 +603,16 @@ def test_budget_json_matches_the_budget_module(capsys):
     status, out, _ = run(capsys, *BUDGET16, "--format", "json", "--rank", "9")
     assert status == 0
     report = json.loads(out)["budget"]
-    assert report == json.loads(json.dumps(budget(plan(16, tp=2, pp=2), 9)))
+    assert report == json.loads(json.dumps(budget(plan(16, tp=2, pp=2), 9, megatron="0.16")))
     assert report["comm_mb"] == DEFAULT_COMM_MB
     assert report["per_rank"]["megatron"]["nccl"] == 16  # last stage: no position-embedding group
     assert report["world"]["megatron_new_group"] == {"gloo_on": 2000, "gloo_off": 1808}
 
 
 def test_without_budget_there_is_no_budget(capsys):
-    _, out, _ = run(capsys, *BUDGET16[:-1], "--format", "json")
+    _, out, _ = run(capsys, *BUDGET16[:-3], "--format", "json")
     assert "budget" not in json.loads(out)
-    _, out, _ = run(capsys, *BUDGET16[:-1])
+    _, out, _ = run(capsys, *BUDGET16[:-3])
     assert "communicator budget" not in out
 
 

@@ -36,9 +36,10 @@ from _deepspeed_env import DEEPSPEED_RANK_ENV, part_reports, run_parts, start_de
 from _multiproc import run_ranks
 from mpu_bridge.deepspeed_install import install_expert_groups, uninstall_expert_groups
 from mpu_bridge.errors import BridgeError
+from mpu_bridge.optional import is_available
 
 pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("deepspeed") is None or importlib.util.find_spec("megatron.core") is None,
+    importlib.util.find_spec("deepspeed") is None or not is_available("megatron.core"),
     reason="needs deepspeed and megatron-core (pip install 'mpu-bridge[deepspeed,megatron]')",
 )
 

@@ -23,9 +23,10 @@ import pytest
 from _multiproc import run_ranks
 from mpu_bridge import deepspeed_groups
 from mpu_bridge.errors import BridgeError
+from mpu_bridge.optional import is_available
 
 WORLD_SIZE = 4
-HAS_MEGATRON = importlib.util.find_spec("megatron.core") is not None
+HAS_MEGATRON = is_available("megatron.core")
 
 # ---------------------------------------------------------------------------------------
 # Inside the rank processes (module level: run_ranks pickles functions by reference)

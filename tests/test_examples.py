@@ -27,19 +27,21 @@ from typing import Dict, List, Optional, Tuple
 
 import pytest
 
+from mpu_bridge.optional import is_available
+
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 RUN_TIMEOUT_S = 300.0
 
 needs_megatron = pytest.mark.skipif(
-    importlib.util.find_spec("megatron.core") is None,
+    not is_available("megatron.core"),
     reason="needs megatron-core (pip install 'mpu-bridge[megatron]')",
 )
 
 
 def _megatron_has_pg_collection() -> bool:
     """megatron-core >= 0.15 (the first with ``ProcessGroupCollection``), by its version only."""
-    if importlib.util.find_spec("megatron.core") is None:
+    if not is_available("megatron.core"):
         return False
     try:
         release = metadata.version("megatron-core")
@@ -54,7 +56,7 @@ needs_pg_collection = pytest.mark.skipif(
     reason="needs megatron-core >= 0.15, the first with ProcessGroupCollection (pip install 'mpu-bridge[megatron]')",
 )
 needs_deepspeed = pytest.mark.skipif(
-    importlib.util.find_spec("deepspeed") is None or importlib.util.find_spec("megatron.core") is None,
+    importlib.util.find_spec("deepspeed") is None or not is_available("megatron.core"),
     reason="needs deepspeed and megatron-core (pip install 'mpu-bridge[megatron,deepspeed]')",
 )
 

@@ -34,7 +34,6 @@ EP(2) [0, 2] [1, 3]; tp=1 pp=2 -> PP [0, 2] [1, 3], DP [0, 1] [2, 3], EP(2) [0, 
 from __future__ import annotations
 
 import datetime
-import importlib.util
 import os
 import queue as queue_module
 import time
@@ -45,6 +44,7 @@ import pytest
 import _multiproc
 from _megatron import initialize_megatron, megatron_parallel_state
 from _multiproc import RanksTimeout, run_ranks
+from mpu_bridge.optional import is_available
 
 WORLD_SIZE = 4
 FAULTY_RANK = 3
@@ -58,7 +58,7 @@ WORLD_TIMEOUT_S = 600.0
 FAULT_EXIT_CODE = 17
 
 needs_megatron = pytest.mark.skipif(
-    importlib.util.find_spec("megatron.core") is None,
+    not is_available("megatron.core"),
     reason="needs megatron-core (pip install 'mpu-bridge[megatron]')",
 )
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import datetime
 import functools
-import importlib.util
 import itertools
 import os
 import time
@@ -32,9 +31,10 @@ from _megatron import initialize_megatron, megatron_parallel_state
 from _multiproc import run_ranks
 from mpu_bridge.errors import LayoutError
 from mpu_bridge.layout import plan
+from mpu_bridge.optional import is_available
 
 needs_megatron = pytest.mark.skipif(
-    importlib.util.find_spec("megatron.core") is None,
+    not is_available("megatron.core"),
     reason="needs megatron-core (pip install 'mpu-bridge[megatron]')",
 )
 pytestmark = needs_megatron

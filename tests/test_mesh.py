@@ -15,7 +15,6 @@ without processes.
 
 from __future__ import annotations
 
-import importlib.util
 import warnings
 from typing import Any, Callable, Dict, List
 
@@ -25,10 +24,11 @@ from _multiproc import run_ranks
 from mpu_bridge.errors import BridgeError
 from mpu_bridge.layout import plan
 from mpu_bridge.mesh import mesh_ranks
+from mpu_bridge.optional import is_available
 
 WORLD_SIZE = 8
 AGREEMENT_TIMEOUT_S = 120
-HAS_MEGATRON = importlib.util.find_spec("megatron.core") is not None
+HAS_MEGATRON = is_available("megatron.core")
 
 # name -> standalone sizes
 LAYOUTS: Dict[str, Dict[str, Any]] = {

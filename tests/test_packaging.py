@@ -8,11 +8,15 @@ setuptools, no download: a few seconds). On them:
   deprecation warning from the build;
 * the sdist ships no tests (the suite needs the repository: ``compat/`` records,
   ``integration_tests/``, multi-process worlds; run it from a checkout);
-* the dependencies say what the release matrix (``compat/matrix/lines.json``) shows:
-  every supported line admitted, every failing or never-run line excluded;
-* ``requires-python`` is what torch allows, and the torch-free planner installs from
-  the wheel (``--no-deps``) and runs on the oldest Python claimed, where this machine
-  has it; there ``mpu-bridge selfcheck`` stops with one line naming torch.
+* the dependencies fit into a user's stack and say what the release matrix
+  (``compat/matrix/lines.json``) shows: lower bounds only (the oldest release a supported
+  line runs), every newer release admitted, exclusions only for lines that ran and
+  failed; and pip's own plan for installing the wheel into the running environment
+  (every matrix line runs the suite in its own) installs mpu-bridge and nothing else;
+* ``requires-python`` and the classifiers name the Pythons of the matrix, and the
+  torch-free planner installs from the wheel (``--no-deps``) and runs on the oldest
+  Python claimed, where this machine has it; there ``mpu-bridge selfcheck`` stops with
+  one line naming torch.
 """
 
 from __future__ import annotations
@@ -20,11 +24,13 @@ from __future__ import annotations
 import email.parser
 import glob
 import importlib.metadata
+import importlib.util
 import json
 import os
 import re
 import shutil
 import signal
+import site
 import subprocess
 import sys
 import tarfile
@@ -171,6 +177,10 @@ def test_the_wheel_holds_the_package_only(built):
 # -- dependencies against the release matrix -----------------------------------------------
 
 
+def _canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
 def _requirements(built: Built) -> Dict[Optional[str], Dict[str, Requirement]]:
     """{extra or None: {distribution: requirement}} from the wheel's metadata."""
     out: Dict[Optional[str], Dict[str, Requirement]] = {}
@@ -181,7 +191,7 @@ def _requirements(built: Built) -> Dict[Optional[str], Dict[str, Requirement]]:
             match = re.search(r'extra == "([^"]+)"', str(requirement.marker))
             assert match, f"a marker other than an extra: {text}"
             extra = match.group(1)
-        out.setdefault(extra, {})[requirement.name] = requirement
+        out.setdefault(extra, {})[_canonical(requirement.name)] = requirement
     return out
 
 
@@ -189,62 +199,192 @@ def _matrix_lines() -> List[dict]:
     return json.loads(LINES_FILE.read_text())["lines"]
 
 
-def _line_versions(package: str, status: str) -> List[Version]:
+def _line_packages(line: dict) -> Dict[str, str]:
+    """Every upstream release a line installs, torch included (a line without "torch" runs 2.13.0)."""
+    return {"torch": line.get("torch", "2.13.0"), **line["packages"]}
+
+
+def _tested_versions(package: str) -> List[Version]:
+    """The releases of ``package`` in supported lines (a supported line passes with all of them)."""
+    return sorted(
+        {
+            Version(_line_packages(line)[package])
+            for line in _matrix_lines()
+            if line["status"] == "supported" and package in _line_packages(line)
+        }
+    )
+
+
+def _failed_versions(package: str) -> List[Version]:
+    """The releases of ``package`` that an unsupported line, named after it, ran and failed with."""
     return [
         Version(line["packages"][package])
         for line in _matrix_lines()
-        if line["status"] == status and line["name"].startswith(f"{package}-") and package in line["packages"]
+        if line["status"] == "unsupported" and line["name"].startswith(f"{package}-") and package in line["packages"]
     ]
 
 
-def _pinned_torch_versions() -> List[Version]:
-    pins = set()
-    for path in [ROOT / "compat" / "constraints.txt", *(ROOT / "compat" / "matrix").glob("*.txt")]:
-        for match in re.finditer(r"^torch==(\S+)", path.read_text(), re.M):
-            pins.add(Version(match.group(1)))
-    return sorted(pins)
+def _is_excluded_line(version: Version, failed: List[Version]) -> bool:
+    return any((version.major, version.minor) == (f.major, f.minor) for f in failed)
 
 
-def test_the_base_dependency_is_torch_alone(built):
-    base = _requirements(built)[None]
-    assert sorted(base) == ["torch"], "the package imports nothing else (the planner needs nothing at all)"
-
-
-def test_torch_is_bounded_to_the_torch_lines_the_matrix_runs(built):
-    spec = _requirements(built)[None]["torch"].specifier
-    tested = _pinned_torch_versions()
-    assert tested, "no torch pin in compat/"
-    tested_lines = {(v.major, v.minor) for v in tested}
+def _check_against_the_matrix(package: str, spec: SpecifierSet) -> None:
+    """``spec`` admits every tested release and everything newer; it excludes only the releases
+    below the oldest tested one and the lines that ran and failed."""
+    tested, failed = _tested_versions(package), _failed_versions(package)
+    assert tested, f"no supported line of {LINES_FILE.name} installs {package}"
+    floor = tested[0]
     for version in tested:
-        assert spec.contains(version), f"torch {version} is pinned by the matrix but not admitted"
-    for major, minor in [(2, m) for m in range(0, 30)]:
-        admitted = spec.contains(f"{major}.{minor}.0") or spec.contains(f"{major}.{minor}.99")
-        assert admitted == ((major, minor) in tested_lines), f"torch {major}.{minor}: admitted={admitted}"
+        assert spec.contains(version, prereleases=True), f"{package} {version} is run by the matrix but not admitted"
+    for version in failed:
+        assert not spec.contains(version), f"{package} {version} fails in the matrix but is admitted"
+    majors = range(floor.major, floor.major + 2)
+    for candidate in (Version(f"{a}.{b}.{c}") for a in majors for b in range(0, 40) for c in (0, 99)):
+        expected = candidate >= Version(f"{floor.major}.{floor.minor}") and not _is_excluded_line(candidate, failed)
+        assert spec.contains(candidate) == expected, f"{package} {candidate}: admitted={not expected}, {spec}"
+    for far in ("9.0", "99.0"):
+        assert spec.contains(far), f"{package} {far} is capped: only lines that ran and failed may be excluded"
+
+
+def test_the_base_dependencies_are_torch_and_packaging(built):
+    base = _requirements(built)[None]
+    assert sorted(base) == ["packaging", "torch"], "the package imports nothing else (the planner needs nothing at all)"
+    assert base["packaging"].specifier.contains("99.0"), "packaging is capped"
+
+
+def test_torch_has_the_oldest_tested_torch_as_its_only_bound(built):
+    spec = _requirements(built)[None]["torch"].specifier
+    assert [s.operator for s in spec] == [">="], f"torch: a lower bound only, not {spec}"
+    _check_against_the_matrix("torch", spec)
 
 
 @pytest.mark.parametrize("package, extra", [("megatron-core", "megatron"), ("deepspeed", "deepspeed")])
-def test_each_extra_admits_exactly_the_supported_release_lines(built, package, extra):
+def test_each_extra_admits_every_tested_release_and_excludes_only_failed_lines(built, package, extra):
     spec = _requirements(built)[extra][package].specifier
-    supported = _line_versions(package, "supported")
-    unsupported = _line_versions(package, "unsupported")
-    assert supported, f"no supported {package} line in {LINES_FILE.name}"
-    for version in supported:
-        assert spec.contains(version), f"{package} {version} passes the matrix but the extra excludes it"
-    for version in unsupported:
-        assert not spec.contains(version), f"{package} {version} fails the matrix but the extra admits it"
-    supported_lines = {(v.major, v.minor) for v in supported}
-    for minor in range(0, 40):
-        for patch in (0, 99):
-            candidate = Version(f"0.{minor}.{patch}")
-            if spec.contains(candidate):
-                assert (0, minor) in supported_lines, f"{package} {candidate} is admitted but its line never ran"
-    assert not spec.contains("1.0.0"), f"{package} 1.0 is admitted but never ran"
+    assert {s.operator for s in spec} <= {">=", "!="}, f"{package}: a lower bound and exclusions only, not {spec}"
+    _check_against_the_matrix(package, spec)
+
+
+def test_the_matrix_lines_agree_with_their_constraints_files():
+    spec = importlib.util.spec_from_file_location("run_matrix", ROOT / "compat" / "run_matrix.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses resolve their annotations through it
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        del sys.modules[spec.name]
+    lines = module.load_lines()  # raises where a line's torch or packages differ from its constraints
+    assert len(lines) == len(_matrix_lines())
+    for line in _matrix_lines():
+        pins = module.pinned_versions(ROOT / "compat" / "matrix" / line["constraints"])
+        assert pins["torch"] == _line_packages(line)["torch"], line["name"]
 
 
 def test_the_test_extra_installs_what_the_suite_is_built_around(built):
     test = _requirements(built)["test"]
     assert {"pytest", "hypothesis", "setuptools"} <= set(test)
     assert test["mpu-bridge"].extras == {"megatron", "deepspeed"}
+
+
+# -- installing into a user's stack changes nothing but mpu-bridge ------------------------------
+
+
+def _installed() -> Dict[str, str]:
+    return {_canonical(d.metadata["Name"]): d.version for d in importlib.metadata.distributions() if d.metadata["Name"]}
+
+
+def _extras_installed(built: Built) -> List[str]:
+    """The extras of the wheel whose every requirement names an installed distribution."""
+    requirements = _requirements(built)
+    have = set(_installed())
+    extras: List[str] = []
+    changed = True
+    while changed:  # an extra may name others ("test" needs "megatron" and "deepspeed")
+        changed = False
+        for extra, needs in requirements.items():
+            if extra is None or extra in extras:
+                continue
+            own = needs.get("mpu-bridge")
+            if set(needs) - {"mpu-bridge"} <= have and (own is None or own.extras <= set(extras)):
+                extras.append(extra)
+                changed = True
+    return sorted(extras)
+
+
+def _without_mpu_bridge(where: Path) -> Path:
+    """A virtual environment of this Python holding what this one holds except mpu-bridge.
+
+    Each entry of this environment's site-packages is linked into the new one's, except
+    the files the installed mpu-bridge distribution (editable or not) owns: the state of a
+    user who has the same stack and has not installed mpu-bridge yet.
+    """
+    base = getattr(sys, "_base_executable", sys.executable)
+    python = _venv(base, where)
+    purelib = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout.strip()
+    target = Path(purelib)
+    ours = set()
+    for dist in importlib.metadata.distributions():
+        if _canonical(dist.metadata["Name"] or "") == "mpu-bridge":
+            ours |= {Path(str(f)).parts[0] for f in dist.files or []}
+    for site_dir in map(Path, site.getsitepackages()):
+        if not site_dir.is_dir():
+            continue
+        for entry in site_dir.iterdir():
+            if entry.name in ours or entry.name == "__pycache__" or _canonical(entry.name).startswith("mpu-bridge-"):
+                continue
+            link = target / entry.name
+            if not link.exists() and not link.is_symlink():
+                link.symlink_to(entry)
+    return python
+
+
+def _pip_supports_dry_run_reports() -> bool:
+    try:
+        return Version(importlib.metadata.version("pip")) >= Version("22.3")  # --python (22.3), --report (22.2)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+
+
+@pytest.mark.parametrize("with_extras", [False, True], ids=["no-extras", "installed-extras"])
+def test_installing_the_wheel_into_this_environment_changes_nothing_but_mpu_bridge(built, tmp_path, with_extras):
+    """pip's own plan (``--dry-run --report``) for ``pip install 'mpu-bridge[EXTRAS]'`` from the
+    wheel, in this environment's stack without mpu-bridge: install mpu-bridge, and nothing else.
+
+    Every matrix line runs this in its own environment (its Python, torch, megatron-core and
+    DeepSpeed). ``--no-index`` offers pip nothing but the wheel: a requirement the installed
+    stack does not meet could not be resolved at all. The machine's pip configuration is not
+    read (a constraints file there would be a second, foreign set of requirements).
+    """
+    if not _pip_supports_dry_run_reports():
+        pytest.skip("needs pip >= 22.3 (install --dry-run --report, --python)")
+    extras = _extras_installed(built) if with_extras else []
+    if with_extras and not extras:
+        pytest.skip("no extra of mpu-bridge has its packages installed here")
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    shutil.copy(built.wheel, wheels)
+    python = _without_mpu_bridge(tmp_path / "user-env")
+    report = tmp_path / "report.json"
+    requirement = f"mpu-bridge[{','.join(extras)}]" if extras else "mpu-bridge"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
+    env.update(PIP_CONFIG_FILE=os.devnull, PIP_DISABLE_PIP_VERSION_CHECK="1")
+    cmd = [sys.executable, "-m", "pip", "--python", str(python), "install", "--dry-run", "--no-index"]
+    cmd += ["--find-links", str(wheels), "--report", str(report), requirement]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert result.returncode == 0, f"{requirement}: pip cannot install it here\n{result.stdout}\n{result.stderr}"
+    planned = json.loads(report.read_text())["install"]
+    names = {_canonical(item["metadata"]["name"]): item["metadata"]["version"] for item in planned}
+    assert names == {"mpu-bridge": built.wheel_metadata()["Version"]}, (requirement, names)
+    (item,) = planned
+    assert item["download_info"]["url"].endswith("/" + built.wheel.name)
+    if extras:
+        assert set(item["requested_extras"]) == set(extras)
 
 
 # -- Python versions --------------------------------------------------------------------------
@@ -254,16 +394,27 @@ def _minors(spec: SpecifierSet) -> List[str]:
     return [f"3.{m}" for m in range(6, 20) if spec.contains(f"3.{m}.0") or spec.contains(f"3.{m}.99")]
 
 
-def test_requires_python_is_what_torch_allows_and_the_running_python_is_in_it(built):
+def _matrix_pythons() -> List[str]:
+    """The Pythons the matrix lines run on (a line without "python" runs on 3.11, the default)."""
+    return sorted({line.get("python", "3.11") for line in _matrix_lines()}, key=Version)
+
+
+def test_requires_python_and_the_classifiers_follow_the_matrix(built):
+    metadata = built.wheel_metadata()
+    ours = SpecifierSet(metadata["Requires-Python"])
+    pythons = _matrix_pythons()
+    assert _minors(ours)[0] == pythons[0], f"requires-python {ours}: the oldest line runs Python {pythons[0]}"
+    assert ours.contains("3.99.0"), f"requires-python {ours} is capped"
+    classified = sorted(
+        (c.rsplit(" :: ", 1)[1] for c in metadata.get_all("Classifier", []) if re.fullmatch(r".* :: 3\.\d+", c)),
+        key=Version,
+    )
+    assert classified == pythons, "the Python classifiers are not the Pythons of compat/matrix/lines.json"
+
+
+def test_the_running_python_is_claimed(built):
     ours = SpecifierSet(built.wheel_metadata()["Requires-Python"])
     assert ours.contains(f"{sys.version_info.major}.{sys.version_info.minor}.0")
-    try:
-        torch_spec = SpecifierSet(importlib.metadata.metadata("torch")["Requires-Python"] or "")
-    except importlib.metadata.PackageNotFoundError:
-        pytest.skip("needs torch installed to read its Requires-Python")
-    # Every Python we claim can install the torch we depend on, and we claim its oldest.
-    assert set(_minors(ours)) <= set(_minors(torch_spec)), (str(ours), str(torch_spec))
-    assert _minors(ours)[0] == _minors(torch_spec)[0]
 
 
 def _find_python(minor: str) -> Optional[str]:

@@ -146,27 +146,37 @@ def test_docstring_examples_hold(module):
 # -- Layout: geometry equals the listed groups -------------------------------------------
 
 small_layouts = st.builds(
-    lambda tp, cp, pp, dp, ep_pick, gpn_pick, order_pick: (tp, cp, pp, dp, ep_pick, gpn_pick, order_pick),
+    lambda tp, cp, pp, dp, ep_pick, gpn_pick, order_pick, gtp, egtp_pick: (
+        tp, cp, pp, dp, ep_pick, gpn_pick, order_pick, gtp, egtp_pick
+    ),
     st.sampled_from([1, 2, 3, 4]),
     st.sampled_from([1, 2]),
     st.sampled_from([1, 2, 3]),
     st.integers(1, 6),
     st.integers(0, 10),
     st.integers(0, 20),
-    st.sampled_from(["tp-cp-ep-dp-pp", "tp-cp-dp-ep-pp", "cp-tp-ep-dp-pp", "tp-dp-cp-ep-pp", "dp-tp-cp-ep-pp"]),
+    st.sampled_from([
+        "tp-cp-ep-dp-pp", "tp-cp-dp-ep-pp", "cp-tp-ep-dp-pp", "tp-dp-cp-ep-pp", "dp-tp-cp-ep-pp",
+        "gtp_remat-tp-cp-ep-dp-pp",
+    ]),
+    st.sampled_from([1, 1, 2, 3]),  # megatron-core 0.19's gtp_remat (mostly off)
+    st.integers(0, 10),
 )
 
 
 def _build(config):
-    tp, cp, pp, dp, ep_pick, gpn_pick, order = config
-    world = tp * cp * pp * dp
-    eps = _divisors(dp * cp)
+    tp, cp, pp, dp, ep_pick, gpn_pick, order, gtp, egtp_pick = config
+    world = tp * cp * pp * dp * gtp
+    eps = _divisors(dp * cp * gtp)
+    ep = eps[ep_pick % len(eps)]
+    egtps = _divisors(dp * cp * gtp // ep)
     gpns = _divisors(world)
+    sizes = dict(tp=tp, cp=cp, pp=pp, ep=ep, gtp_remat=gtp, expert_gtp_remat=egtps[egtp_pick % len(egtps)],
+                 gpus_per_node=gpns[gpn_pick % len(gpns)])
     try:
-        return plan(world, tp=tp, cp=cp, pp=pp, ep=eps[ep_pick % len(eps)], order=order,
-                    gpus_per_node=gpns[gpn_pick % len(gpns)])
+        return plan(world, order=order, **sizes)
     except LayoutError:  # an order megatron-core refuses for these sizes
-        return plan(world, tp=tp, cp=cp, pp=pp, ep=eps[ep_pick % len(eps)], gpus_per_node=gpns[gpn_pick % len(gpns)])
+        return plan(world, **sizes)
 
 
 @settings(max_examples=60, deadline=None)
@@ -352,6 +362,10 @@ def test_plan_at_2_24_ranks_with_rank_is_fast_and_small():
         ["--max-groups", "all", "--format", "json"],
         ["--max-groups", "all", "--gpus-per-node", "72057594037927936"],
         ["--max-groups", "1000000000000", "--format", "svg", "--color-by", "dp"],
+        ["--gtp-remat", "4", "--expert-gtp-remat", "2", "--rank", "4611686018427387000", "--gpus-per-node", "8",
+         "--budget", "--megatron", "0.19", "--all-gather"],
+        ["--gtp-remat", "2", "--format", "json", "--rank", "12345678912345", "--budget", "--megatron", "0.19"],
+        ["--expert-gtp-remat", "4", "--format", "svg", "--color-by", "egtp", "--rank", "3"],
     ],
 )
 def test_plan_at_2_62_ranks_answers_every_format_in_bounded_memory(extra):

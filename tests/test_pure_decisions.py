@@ -49,12 +49,12 @@ def test_votes_where_some_ranks_hold_their_group_and_others_not_are_mixed():
 
 
 def test_a_mixed_partition_is_created_by_every_rank_entering_every_group():
-    strategy, why = planning.decide_strategy("local_new_group", equal_counts=True, mixed=True)
+    strategy, why = planning.decide_strategy("local_new_group", equal_salts=True, mixed=True)
     assert strategy == "new_group" and "holders keep the communicator they have" in why
 
 
 def test_member_only_creation_is_kept_when_it_is_safe():
-    assert planning.decide_strategy("local_new_group", equal_counts=True, fresh_names=True) == (
+    assert planning.decide_strategy("local_new_group", equal_salts=True, fresh_names=True) == (
         "local_new_group",
         None,
     )
@@ -63,9 +63,11 @@ def test_member_only_creation_is_kept_when_it_is_safe():
 @pytest.mark.parametrize(
     "facts, reason",
     [
-        (dict(equal_counts=False), "members of some group hold different numbers of process groups"),
-        (dict(equal_counts=False, checked=False), "without the cross-rank plan check"),
-        (dict(equal_counts=True, fresh_names=False), "destroyed earlier"),
+        (dict(equal_salts=False), "members of some group would hash different salts"),
+        (dict(equal_salts=False, checked=False), "without the cross-rank plan check"),
+        (dict(equal_salts=True, fresh_names=False), "destroyed earlier"),
+        (dict(equal_salts=True, named=False), "naming of member-only groups is not recognised"),
+        (dict(equal_salts=True, counter_safe=False), "counters, which name every all-ranks group, would then differ"),
     ],
 )
 def test_member_only_creation_falls_back_to_new_group_and_says_why(facts, reason):
@@ -75,11 +77,18 @@ def test_member_only_creation_falls_back_to_new_group_and_says_why(facts, reason
 
 @pytest.mark.parametrize("chosen", ["split_group", "new_group"])
 def test_other_strategies_never_fall_back(chosen):
-    assert planning.decide_strategy(chosen, equal_counts=False, checked=False, fresh_names=False) == (chosen, None)
+    facts = dict(equal_salts=False, checked=False, fresh_names=False, named=False, counter_safe=False)
+    assert planning.decide_strategy(chosen, **facts) == (chosen, None)
 
 
-def test_each_created_group_adds_one_to_the_count_the_next_one_is_named_with():
-    assert planning.held_counts(["0", "-", "1", "0", "0"], 5) == [5, 6, 6, 6, 7]
+def test_an_unrecognised_naming_is_the_reason_before_any_measurement():
+    # Without the rule, the measured salts mean nothing: say what is really missing.
+    strategy, why = planning.decide_strategy("local_new_group", equal_salts=False, named=False, counter_safe=False)
+    assert strategy == "new_group" and why == planning.FALLBACK_REASONS["naming"]
+
+
+def test_each_created_group_adds_one_to_the_salt_the_next_one_is_named_with():
+    assert planning.salts(["0", "-", "1", "0", "0"], 5) == [5, 6, 6, 6, 7]
 
 
 def test_without_the_check_covering_families_then_one_that_leaves_ranks_out_are_safe():

@@ -22,6 +22,7 @@ from typing import Any, Dict, Iterator, List
 import pytest
 import torch
 import torch.distributed as dist
+from _torch_rule import member_only_moves_counter
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.distributed import distributed_c10d as c10d
@@ -29,7 +30,7 @@ from torch.distributed import distributed_c10d as c10d
 from _multiproc import run_ranks
 from mpu_bridge.errors import BridgeError, GroupCreationError, LayoutError, PlanMismatchError
 from mpu_bridge.layout import KINDS, plan
-from mpu_bridge.registry import GroupRegistry, Partition, _hashed_group_name
+from mpu_bridge.registry import GroupRegistry, Partition
 
 # --------------------------------------------------------------------------------------
 # Helpers used inside rank processes (module level: run_ranks pickles by reference)
@@ -45,6 +46,24 @@ def _sum_of_ranks(group: Any) -> int:
 
 def _ranks_of(group: Any) -> List[int]:
     return sorted(dist.get_process_group_ranks(group))
+
+
+@contextlib.contextmanager
+def counting_new_group() -> Iterator[Dict[str, int]]:
+    """Count this process's ``new_group`` calls: ``"all"`` (every rank must enter them) and
+    ``"local"`` (``use_local_synchronization=True``, members only)."""
+    real = dist.new_group
+    calls = {"all": 0, "local": 0}
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        calls["local" if kwargs.get("use_local_synchronization") else "all"] += 1
+        return real(*args, **kwargs)
+
+    dist.new_group = counted  # type: ignore[assignment]
+    try:
+        yield calls
+    finally:
+        dist.new_group = real  # type: ignore[assignment]
 
 
 def _attempt(fn: Any) -> tuple:
@@ -74,12 +93,12 @@ def _creation_world(rank: int, world: int) -> Dict[str, Any]:
     # Member-only creation, one batch.
     registry = GroupRegistry(agreement_timeout=30)
     obs["auto_strategy"] = registry.strategy
-    sequential_before = c10d._world.group_count
-    tp_group, dp_group = registry.ensure([tp, dp])
+    with counting_new_group() as calls:
+        tp_group, dp_group = registry.ensure([tp, dp])
     obs["local_batch_strategy"] = registry.last_strategy
     obs["local_sums"] = [_sum_of_ranks(tp_group), _sum_of_ranks(dp_group)]
     obs["local_ranks"] = [_ranks_of(tp_group), _ranks_of(dp_group)]
-    obs["local_all_ranks_calls"] = c10d._world.group_count - sequential_before
+    obs["local_calls"] = calls
     obs["local_created"] = registry.created
 
     # Idempotency: the same batch again creates nothing.
@@ -109,6 +128,8 @@ def _creation_world(rank: int, world: int) -> Dict[str, Any]:
     obs["pair_is_none"] = pair is None
     obs["pair_sum"] = None if pair is None else _sum_of_ranks(pair)
     obs["pair_strategy"] = registry.last_strategy
+    obs["pair_counter"] = c10d._world.group_count
+    first_names = {c10d._world.pg_names[g] for g in (tp_group, dp_group)}
 
     # close() destroys what the registry created; a second close() is a no-op.
     created = [g for g in (tp_group, dp_group, found[0], pair) if g is not None]
@@ -123,6 +144,7 @@ def _creation_world(rank: int, world: int) -> Dict[str, Any]:
     tp2, dp2 = second.ensure([tp, dp])
     obs["recreate_strategy"] = second.last_strategy
     obs["recreate_sums"] = [_sum_of_ranks(tp2), _sum_of_ranks(dp2)]
+    obs["recreate_names_repeat"] = bool(first_names & {c10d._world.pg_names[g] for g in (tp2, dp2)})
     second.close()
 
     # megatron-core-like creation (every rank enters every dp group), then borrowed.
@@ -151,15 +173,17 @@ def _creation_world(rank: int, world: int) -> Dict[str, Any]:
 
     # Forcing the all-ranks loop: every rank enters both tp groups.
     fourth = GroupRegistry(strategy="new_group", agreement_timeout=30)
-    before = c10d._world.group_count
-    (tp4,) = fourth.ensure([tp])
-    obs["forced_new_group_calls"] = c10d._world.group_count - before
+    with counting_new_group() as calls:
+        (tp4,) = fourth.ensure([tp])
+    obs["forced_new_group_calls"] = calls["all"]
     obs["forced_new_group_sum"] = _sum_of_ranks(tp4)
     fourth.close()
 
-    # Ranks 0 and 1 still hold one group more than ranks 2 and 3 (the group above).
-    # tp's groups [0, 1] and [2, 3] each sit on one side: their members agree, so
-    # member-only creation is safe; dp's groups [0, 2] and [1, 3] straddle the sides.
+    # Ranks 0 and 1 still hold one group more than ranks 2 and 3 (the group above), while
+    # PyTorch's group counter is equal everywhere. Where the salt is the held count, tp's
+    # groups [0, 1] and [2, 3] each sit on one side: their members agree, so member-only
+    # creation is safe; dp's groups [0, 2] and [1, 3] straddle the sides. Where the salt
+    # is the counter, every member agrees.
     dist.new_group(list(range(world)))  # one more group everywhere: names not used before
     fifth = GroupRegistry(agreement_timeout=30)
     (tp5,) = fifth.ensure([tp])
@@ -198,6 +222,7 @@ def _errors_world(rank: int, world: int) -> Dict[str, Any]:
     # loop would pair up different groups on different ranks.
     if rank == 0:
         dist.new_group([0])
+    obs["counter"] = c10d._world.group_count
     looping = GroupRegistry(strategy="new_group", agreement_timeout=20)
     obs["sequence_skew"] = _attempt(lambda: looping.ensure([tp]))
 
@@ -281,7 +306,7 @@ def test_member_only_groups_hold_the_layout_ranks(creation):
 
 def test_member_only_creation_enters_no_other_group(creation):
     assert [o["local_batch_strategy"] for o in creation] == ["local_new_group"] * 4
-    assert [o["local_all_ranks_calls"] for o in creation] == [0, 0, 0, 0]
+    assert [o["local_calls"] for o in creation] == [{"all": 0, "local": 2}] * 4
 
 
 def test_each_rank_creates_one_group_per_partition(creation):
@@ -314,8 +339,15 @@ def test_ranks_outside_a_partial_partition_get_none(creation):
     assert [o["pair_sum"] for o in creation] == [1, 1, None, None]
 
 
-def test_a_partition_that_does_not_cover_the_world_is_created_by_its_members_only(creation):
-    assert [o["pair_strategy"] for o in creation] == ["local_new_group"] * 4
+def test_a_partition_that_does_not_cover_the_world_is_created_by_its_members_only_where_torch_allows(creation):
+    # Where creating a member-only group moves PyTorch's group counter (torch >= 2.14), a
+    # family that leaves ranks out would leave the counters unequal: every rank enters it.
+    expected = "new_group" if member_only_moves_counter() else "local_new_group"
+    assert [o["pair_strategy"] for o in creation] == [expected] * 4
+
+
+def test_a_partition_that_does_not_cover_the_world_leaves_every_ranks_group_counter_equal(creation):
+    assert len({o["pair_counter"] for o in creation}) == 1
 
 
 def test_close_destroys_every_group_the_registry_created(creation):
@@ -328,7 +360,11 @@ def test_a_closed_registry_refuses_new_requests(creation):
 
 
 def test_recreating_destroyed_groups_avoids_reusing_their_names(creation):
-    assert [o["recreate_strategy"] for o in creation] == ["new_group"] * 4
+    assert not any(o["recreate_names_repeat"] for o in creation)
+    # The held count drops when groups are destroyed (the names would repeat: fall back);
+    # PyTorch's group counter never does (fresh names: member-only creation again).
+    expected = "local_new_group" if member_only_moves_counter() else "new_group"
+    assert [o["recreate_strategy"] for o in creation] == [expected] * 4
 
 
 def test_recreated_groups_work(creation):
@@ -359,9 +395,10 @@ def test_groups_whose_members_hold_equal_counts_are_created_member_only_when_oth
                                                   ("local_new_group", 5), ("local_new_group", 5)]
 
 
-def test_groups_whose_members_hold_different_counts_fall_back_to_the_all_ranks_loop(creation):
-    assert [o["uneven_dp"] for o in creation] == [("new_group", 2), ("new_group", 4),
-                                                  ("new_group", 2), ("new_group", 4)]
+def test_groups_whose_members_would_hash_different_salts_fall_back_to_the_all_ranks_loop(creation):
+    # dp's members hold different numbers of groups, but have equal group counters.
+    expected = "local_new_group" if member_only_moves_counter() else "new_group"
+    assert [o["uneven_dp"] for o in creation] == [(expected, 2), (expected, 4), (expected, 2), (expected, 4)]
 
 
 def test_close_leaves_borrowed_groups_alive_and_working(creation):
@@ -404,8 +441,11 @@ def test_the_world_recovers_after_a_rejected_plan(errors):
 
 def test_ranks_with_skewed_sequential_group_names_refuse_the_all_ranks_loop(errors):
     assert [o["sequence_skew"][0] for o in errors] == ["GroupCreationError"] * 4
-    assert "sequential group names would not match" in errors[2]["sequence_skew"][1]
-    assert "ranks [0] have 2; ranks [1-3] have 1" in errors[2]["sequence_skew"][1]
+    counters = [o["counter"] for o in errors]
+    assert counters[0] == counters[1] + 1 and len(set(counters[1:])) == 1
+    message = errors[2]["sequence_skew"][1]
+    assert "group counter, which names every all-ranks group, differs across the ranks" in message
+    assert f"ranks [0] have {counters[0]}; ranks [1-3] have {counters[1]}" in message
 
 
 def test_a_rank_that_never_arrives_ends_every_other_rank_with_a_timeout_error(errors):
@@ -432,8 +472,11 @@ def test_groups_created_after_megatron_reduce_correctly(megatron):
     assert [o["sums"] for o in megatron] == [[0, 1, 6], [1, 1, 6], [2, 5, 6], [3, 5, 6]]
 
 
-def test_after_megatron_the_registry_does_not_use_member_only_creation(megatron):
-    assert [o["strategy"] for o in megatron] == ["new_group"] * 4
+def test_after_megatron_member_only_creation_is_used_only_where_the_salts_agree(megatron):
+    # The pairs straddle pipeline stages that hold different numbers of groups (the
+    # embedding groups) but have equal group counters (megatron-core enters every group).
+    expected = "local_new_group" if member_only_moves_counter() else "new_group"
+    assert [o["strategy"] for o in megatron] == [expected] * 4
 
 
 def test_megatron_groups_with_the_same_ranks_are_reused(megatron):
@@ -481,12 +524,12 @@ def test_one_rank_of_16384_creates_only_its_own_groups():
     with fake_world(16384, rank):
         registry = GroupRegistry()
         groups_before = len(c10d._world.pg_map)
-        sequential_before = c10d._world.group_count
         parts = [Partition.from_layout(layout, kind, rank) for kind in ("tp", "dp", "ep", "edp")]
-        groups = registry.ensure(parts)
+        with counting_new_group() as calls:
+            groups = registry.ensure(parts)
         assert registry.created == 4
         assert len(c10d._world.pg_map) - groups_before == 4
-        assert c10d._world.group_count == sequential_before  # no all-ranks new_group call
+        assert calls == {"all": 0, "local": 4}  # no all-ranks new_group call
         assert [_ranks_of(g) for g in groups] == [layout.group_of(k, rank) for k in ("tp", "dp", "ep", "edp")]
         registry.close()
         assert len(c10d._world.pg_map) == groups_before
@@ -507,19 +550,10 @@ def test_forced_all_ranks_loop_calls_new_group_once_per_group():
     layout = plan(64, tp=4)
     with fake_world(64, 9):
         registry = GroupRegistry(strategy="new_group")
-        before = c10d._world.group_count
-        (group,) = registry.ensure([Partition.from_layout(layout, "tp", 9)])
-        assert c10d._world.group_count - before == 16
+        with counting_new_group() as calls:
+            (group,) = registry.ensure([Partition.from_layout(layout, "tp", 9)])
+        assert calls == {"all": 16, "local": 0}
         assert _ranks_of(group) == [8, 9, 10, 11]
-
-
-def test_predicted_member_only_group_name_matches_pytorch():
-    with fake_world(16, 5):
-        own = [4, 5, 6, 7]
-        predicted = _hashed_group_name(own, len(c10d._world.pg_names))
-        assert predicted == c10d._hash_ranks_to_str(own)
-        group = dist.new_group(own, use_local_synchronization=True)
-        assert c10d._world.pg_names[group] == predicted
 
 
 def test_a_borrowed_rank_set_is_returned_instead_of_created():
@@ -748,18 +782,21 @@ def test_one_shared_group_means_the_whole_partitions_are_equal(tp, pp, cp, ep, d
 # -- without the cross-rank check (fake backend): families that leave ranks out --------------
 
 
-def test_a_standalone_collection_without_the_check_is_member_only_and_one_group_per_rank_set():
+def test_a_standalone_collection_without_the_check_is_member_only_where_torch_allows_and_one_group_per_rank_set():
     import mpu_bridge
     from mpu_bridge.pg_collection import collection_groups
 
     world, rank = 4096, 2053  # tp 4, pp 4: stage 2 of its pipeline, in no embedding group
+    moves_counter = member_only_moves_counter()
     with fake_world(world, rank):
         bridge = mpu_bridge.attach(None, tp=4, pp=4)
         groups = collection_groups(bridge)
         sets = {tuple(sorted(dist.get_process_group_ranks(g))) for g in groups.values() if g is not None}
         assert groups["embd"] is None and groups["pos_embd"] is None
         assert groups["intra_dist_opt"] is dist.group.WORLD  # the world: the default group
-        assert bridge.stats()["fallbacks"] == 0
+        # the embedding families come last; every rank enters them where creating a member-only
+        # group would move PyTorch's group counter on their members alone (torch >= 2.14)
+        assert bridge.stats()["fallbacks"] == (1 if moves_counter else 0)
         assert bridge.stats()["created"] == len(sets) - 1
         bridge.close()
 

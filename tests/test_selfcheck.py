@@ -42,17 +42,25 @@ MEGATRON_ARGS = [
 ]
 #: A standalone full layout (no MPU): 4 ranks, tp 2, pp 2 (dp 1), experts ep 2 with etp 1.
 STANDALONE_ARGS = ["--nproc", "4", "--tp", "2", "--pp", "2", "--ep", "2", "--etp", "1", "--exports"]
-#: The ProcessGroupCollection fields megatron-core 0.16.1 fills that are not None on every
-#: rank here (hcp and inter_dist_opt are: one optimizer instance, no hierarchical CP).
-COLLECTION_FIELDS = [
-    "tp", "pp", "mp", "embd", "pos_embd", "cp", "tp_cp", "ep", "expt_tp", "tp_ep", "tp_ep_pp", "tp_dp_cp",
-    "dp", "dp_cp", "intra_dp_cp", "intra_expt_dp", "expt_dp", "intra_dist_opt",
-]
-EXPORT_ROWS = [
-    *(f"pg_collection.{field}" for field in COLLECTION_FIELDS),
+#: ProcessGroupCollection fields megatron-core leaves None on every rank here (one
+#: distributed-optimizer instance, no hierarchical CP): no row in the report.
+NONE_FIELDS = ("hcp", "inter_dist_opt")
+#: The all-gather twins (megatron-core >= 0.18): --exports asks for them, so each is a
+#: communicator of its own (created), not megatron-core's nor a reuse.
+TWIN_FIELDS = ("dp_cp_ag", "expt_dp_ag")
+MESH_ROWS = [
     *(f"device_mesh.{dim}" for dim in ("pp", "dp", "cp", "tp")),
     *(f"device_mesh[ep=2].{dim}" for dim in ("pp", "edp", "ep", "etp")),
 ]
+
+
+def export_rows() -> List[str]:
+    """The report's export rows, in order: every field the installed megatron-core's
+    collection declares (20 in 0.15-0.17, 27 in 0.19) but the always-None ones, then the meshes."""
+    from mpu_bridge.pg_collection import collection_class, declared_fields
+
+    fields = [f for f in declared_fields(collection_class()) if f not in NONE_FIELDS]
+    return [*(f"pg_collection.{field}" for field in fields), *MESH_ROWS]
 
 
 class Run(NamedTuple):
@@ -107,7 +115,8 @@ def megatron_run() -> Run:
 
 def test_megatron_run_passes(megatron_run):
     assert megatron_run.returncode == 0, megatron_run.stdout + megatron_run.stderr
-    assert last_line(megatron_run.stdout).startswith("PASS: 12 group kinds and 26 exported fields/dims on 4 ranks")
+    rows = len(export_rows())
+    assert last_line(megatron_run.stdout).startswith(f"PASS: 12 group kinds and {rows} exported fields/dims on 4 ranks")
     assert "Traceback" not in megatron_run.stderr
 
 
@@ -167,9 +176,10 @@ def test_megatron_run_proves_every_exported_field_and_dim_with_megatrons_own_gro
     """--exports: one row per non-None collection field and per mesh dim, all-reduce and
     broadcast on every rank; every one is megatron-core's own communicator (nothing created)."""
     table = group_table(megatron_run.stdout)
-    assert list(table)[12:] == EXPORT_ROWS
-    for label in EXPORT_ROWS:
-        assert table[label][2].startswith("borrowed"), (label, table[label])
+    assert list(table)[12:] == export_rows()
+    for label in export_rows():
+        twin = label.split(".")[-1] in TWIN_FIELDS
+        assert table[label][2].startswith("created" if twin else "borrowed"), (label, table[label])
         assert table[label][3:] == ["4/4", "4/4", "4/4", "ok"], label
     # the collection's and the meshes' groups are the bridge's (= megatron-core's) group objects
     assert table["pg_collection.tp"][2] == "borrowed = tensor_parallel"
@@ -190,6 +200,32 @@ def test_megatron_run_prints_layout_phases_and_backend(megatron_run):
         assert re.search(rf"^{re.escape(phase)}\s+\d+\.\d{{3}}", out, re.M), phase
 
 
+# -- megatron-core 0.19's Generalized Tensor Parallelism -------------------------------
+
+GTP_ARGS = [
+    "--nproc", "4", "--with-megatron", "--tp", "2", "--gtp-remat", "2", "--ep", "2", "--etp", "1",
+    "--expert-gtp-remat", "2", "--exports",
+]
+
+
+def test_gtp_layout_over_megatron_core_passes_with_exports():
+    """initialize_model_parallel(gtp_remat_size=2, expert_gtp_remat_size=2) on gloo, attach,
+    and every group and export proven on the wire (megatron-core >= 0.19)."""
+    from _megatron import megatron_parallel_state, supports_gtp
+
+    if not supports_gtp(megatron_parallel_state()):
+        pytest.skip("this megatron-core has no Generalized Tensor Parallelism (gtp_remat_size)")
+    run = _selfcheck_module(*GTP_ARGS)
+    assert run.returncode == 0, run.stdout + run.stderr
+    table = group_table(run.stdout)
+    assert table["data_parallel"][:2] == ["1", "4"]  # the replicate group: dp = 4 / (tp·gtp)
+    assert table["pg_collection.gtp_remat"][:3] == ["2", "2", "borrowed"]
+    assert table["pg_collection.dp_cp_gtp_remat"][:2] == ["2", "2"]  # the distribution group
+    assert table["pg_collection.expt_gtp_remat"][:3] == ["2", "2", "borrowed"]
+    assert table["pg_collection.mp"][:2] == ["4", "1"]  # tp x gtp_remat x pp
+    assert last_line(run.stdout).startswith("PASS: ")
+
+
 # -- a standalone full layout with --exports --------------------------------------------
 
 
@@ -203,7 +239,7 @@ def test_standalone_full_layout_run_passes_with_exports(standalone_run):
     assert "MPU standalone (no MPU)" in standalone_run.stdout
     assert "dense grid   tp 2 × cp 1 × dp 1 × pp 2" in standalone_run.stdout
     assert last_line(standalone_run.stdout) == (
-        "PASS: 9 group kinds and 26 exported fields/dims on 4 ranks, every check passed"
+        f"PASS: 9 group kinds and {len(export_rows())} exported fields/dims on 4 ranks, every check passed"
     )
 
 
@@ -217,9 +253,10 @@ def test_standalone_full_layout_groups_follow_the_sizes(standalone_run):
 
 def test_standalone_exports_reuse_the_bridges_groups_and_prove_each_one(standalone_run):
     table = group_table(standalone_run.stdout)
-    assert list(table)[9:] == EXPORT_ROWS
-    for label in EXPORT_ROWS:
-        assert table[label][2].startswith("reused = "), (label, table[label])
+    assert list(table)[9:] == export_rows()
+    for label in export_rows():
+        twin = label.split(".")[-1] in TWIN_FIELDS
+        assert table[label][2].startswith("created" if twin else "reused = "), (label, table[label])
         assert table[label][-1] == "ok", label
     assert table["pg_collection.pp"][2] == "reused = pipeline_parallel"
     assert table["device_mesh.tp"][2] == "reused = tensor_parallel"

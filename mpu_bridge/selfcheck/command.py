@@ -98,6 +98,12 @@ def _add_layout_arguments(parser: argparse.ArgumentParser) -> None:
         "--etp", type=arg_positive_int, default=None, metavar="N", help="expert tensor-parallel size (default: tp)"
     )
     sizes.add_argument("--order", default=DEFAULT_ORDER, help=f"Megatron order string (default {DEFAULT_ORDER})")
+    gtp = (("gtp-remat", "generalized tensor-parallel"), ("expert-gtp-remat", "expert generalized tensor-parallel"))
+    for name, what in gtp:
+        sizes.add_argument(
+            f"--{name}", type=arg_positive_int, default=1, metavar="N",
+            help=f"{what} (GTP, megatron-core >= 0.19) size (default 1)",
+        )
     sizes.add_argument(
         "--hpz", type=arg_positive_int, default=None, metavar="N", help="also check ZeRO++ hpZ groups of N ranks"
     )
@@ -136,6 +142,8 @@ def config_from_args(args: argparse.Namespace) -> SelfCheckConfig:
         ep=tuple(eps),
         etp=args.etp,
         order=args.order,
+        gtp_remat=args.gtp_remat,
+        expert_gtp_remat=args.expert_gtp_remat,
         hpz=args.hpz,
         gpus_per_node=args.gpus_per_node,
         with_megatron=args.with_megatron,

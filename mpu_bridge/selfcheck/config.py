@@ -105,6 +105,8 @@ class SelfCheckConfig:
     ep: Tuple[int, ...] = (1,)
     etp: Optional[int] = None
     order: str = DEFAULT_ORDER
+    gtp_remat: int = 1
+    expert_gtp_remat: int = 1
     hpz: Optional[int] = None
     gpus_per_node: Optional[int] = None
     with_megatron: bool = False
@@ -128,6 +130,8 @@ class SelfCheckConfig:
             etp=self.etp,
             order=self.order,
             gpus_per_node=gpus_per_node,
+            gtp_remat=self.gtp_remat,
+            expert_gtp_remat=self.expert_gtp_remat,
         )
 
     def expert_layout(self, world_size: int, ep_size: int) -> Layout:
@@ -240,6 +244,8 @@ def _expected_fields(dense: Layout, world_size: int, rank: int, fields: Tuple[st
     out: Dict[str, Tuple[int, ...]] = {}
     for field in fields:
         rule = _FIELD_RULES.get(field, "unknown") if field not in field_kinds else "kind"
+        if field == "expt_dp_ag" and dense.config.ep == 1:
+            continue  # megatron-core's create_all_gather_groups makes none without experts
         if rule == "kind":
             out[field] = _own(partitions.dense(dense, field_kinds[field], rank))
         elif rule == "embedding":
@@ -262,9 +268,11 @@ def expected_exports(
     where it is in none, as ``pos_embd`` off the first pipeline stage).
 
     ``fields`` are the ``ProcessGroupCollection`` field names (those of
-    :data:`mpu_bridge.pg_collection.FIELDS`, passed in so this stays free of torch);
-    fields megatron-core leaves None on every rank (``hcp``, ``inter_dist_opt``) are
-    left out. Then the dense mesh's :data:`MESH_DIMS` and, for every expert-parallel
+    :data:`mpu_bridge.pg_collection.FIELDS` the installed release declares, passed in
+    so this stays free of torch); fields megatron-core leaves None on every rank
+    (``hcp``, ``inter_dist_opt``, ``expt_dp_ag`` without experts) are left out. The
+    all-gather twins (``dp_cp_ag``, ``expt_dp_ag``) are checked as created with
+    ``all_gather=True``: the ranks of ``dp_cp`` / ``expt_dp``, their own communicator. Then the dense mesh's :data:`MESH_DIMS` and, for every expert-parallel
     size above 1, the expert mesh's :data:`EXPERT_MESH_DIMS`.
 
     Example: ``expected_exports(SelfCheckConfig(tp=2), 4, 3, ("tp", "hcp"))

@@ -126,10 +126,11 @@ def create_groups(
 
 
 def export_fields() -> Tuple[str, ...]:
-    """The ``ProcessGroupCollection`` fields the bridge fills (:data:`mpu_bridge.pg_collection.FIELDS`)."""
-    from ..pg_collection import FIELDS
+    """The ``ProcessGroupCollection`` fields the bridge fills: those of
+    :data:`mpu_bridge.pg_collection.FIELDS` the installed megatron-core declares."""
+    from ..pg_collection import collection_class, declared_fields
 
-    return tuple(FIELDS)
+    return declared_fields(collection_class())
 
 
 def _exported_groups(bridge: Any, config: SelfCheckConfig, device_type: str) -> List[Tuple[str, Any]]:
@@ -139,9 +140,10 @@ def _exported_groups(bridge: Any, config: SelfCheckConfig, device_type: str) -> 
     size above 1 (the bridge's own experts when the size is its own ``ep``).
     """
     out: List[Tuple[str, Any]] = []
-    collection = bridge.process_group_collection()
+    collection = bridge.process_group_collection(all_gather=True)
+    held = vars(collection)  # megatron-core 0.19's __getattr__ answers None for unset fields
     for field in export_fields():
-        out.append((export_label("pg_collection", field), getattr(collection, field, None)))
+        out.append((export_label("pg_collection", field), held.get(field)))
     mesh = bridge.device_mesh(MESH_DIMS, device_type=device_type)
     out.extend((export_label("device_mesh", dim), mesh.get_group(axis)) for axis, dim in enumerate(MESH_DIMS))
     for ep_size in config.ep:

@@ -178,15 +178,19 @@ def _initialize_megatron(parallel_state: Any, config: SelfCheckConfig) -> None:
     }
     if config.etp is not None:
         kwargs["expert_tensor_parallel_size"] = config.etp
+    kwargs["gtp_remat_size"] = config.gtp_remat
+    kwargs["expert_gtp_remat_size"] = config.expert_gtp_remat
     if "create_gloo_process_groups" in accepted:
         kwargs["create_gloo_process_groups"] = False
     # An older release without a parameter is fine as long as we would pass its default.
-    neutral = {"context_parallel_size": 1, "expert_model_parallel_size": 1, "order": DEFAULT_ORDER}
+    neutral = {"context_parallel_size": 1, "expert_model_parallel_size": 1, "order": DEFAULT_ORDER,
+               "gtp_remat_size": 1, "expert_gtp_remat_size": 1}
     for name in [k for k in kwargs if k not in accepted]:
         if neutral.get(name, object()) != kwargs[name]:
             raise BridgeError(
                 f"this megatron-core's initialize_model_parallel has no {name} parameter; "
-                "drop the matching option (--cp, --ep, --etp or --order) or upgrade megatron-core"
+                "drop the matching option (--cp, --ep, --etp, --order, --gtp-remat or --expert-gtp-remat) "
+                "or upgrade megatron-core"
             )
         del kwargs[name]
     parallel_state.initialize_model_parallel(**kwargs)
@@ -244,6 +248,8 @@ class _Run:
             options["gpus_per_node"] = config.gpus_per_node
         if not config.with_megatron:  # a full standalone layout: attach(None, tp=..., ...)
             options.update(tp=config.tp, pp=config.pp, cp=config.cp, ep=config.ep[0])
+            if (config.gtp_remat, config.expert_gtp_remat) != (1, 1):
+                options.update(gtp_remat=config.gtp_remat, expert_gtp_remat=config.expert_gtp_remat)
             if config.etp is not None:
                 options["etp"] = config.etp
         self.bridge = self.phases.run("attach", lambda: attach(self.parallel_state, **options))
