@@ -33,6 +33,7 @@ import pytest
 
 from _launch import NEEDS_GPUS, NPROC, REPO_ROOT, Launch, cuda_gpus
 from mpu_bridge.errors import LayoutError
+from mpu_bridge.optional import is_available
 from nightly_layouts import (
     CPU_EXTRA_EP,
     CPU_MEGATRON_LAYOUTS,
@@ -55,9 +56,17 @@ LAUNCH_TIMEOUT_S = 600.0
 # ---------------------------------------------------------------------------------------
 
 
+def _skip_without_megatron() -> None:
+    """Every launch below needs megatron-core (megatron-core equality; DeepSpeed over megatron-core;
+    the exports' ProcessGroupCollection): where it is not installed, their tests are skipped."""
+    if not is_available("megatron.core"):
+        pytest.skip("needs megatron-core (pip install 'mpu-bridge[megatron]')")
+
+
 @pytest.fixture(scope="module")
 def rank_checks(launch_torchrun, tmp_path_factory) -> Dict[str, Any]:
     """One ``rank_checks.py`` job: megatron, standalone, deepspeed (and nccl on GPUs); its report by case."""
+    _skip_without_megatron()
     report = tmp_path_factory.mktemp("rank_checks") / "report.json"
     programs = ["megatron", "standalone", "deepspeed"] + (["nccl"] if ON_GPUS else [])
     launch = launch_torchrun(
@@ -100,6 +109,7 @@ def _assert_passed(case: Dict[str, Any]) -> None:
 
 @pytest.fixture(scope="module")
 def selfcheck(launch_torchrun) -> Launch:
+    _skip_without_megatron()
     return launch_torchrun(
         ["-m", "mpu_bridge.selfcheck", *shlex.split(CPU_SELFCHECK_ARGS), "--timeout", str(LAUNCH_TIMEOUT_S - 60)],
         timeout=LAUNCH_TIMEOUT_S,
@@ -109,6 +119,7 @@ def selfcheck(launch_torchrun) -> Launch:
 @pytest.fixture(scope="module")
 def standalone_selfcheck(launch_torchrun) -> Launch:
     """GPU machines only (the tests that use it are skipped elsewhere)."""
+    _skip_without_megatron()
     return launch_torchrun(
         ["-m", "mpu_bridge.selfcheck", *shlex.split(STANDALONE_SELFCHECK_ARGS), "--timeout",
          str(LAUNCH_TIMEOUT_S - 60)],

@@ -100,22 +100,20 @@ class Bridge(BridgeBase):
         The MPU's own sequence-data group if it has one; else data × context parallel
         when context parallelism is on; else the data-parallel group.
         """
-        with self._lock:
-            state = self._live()
-            if "dp-cp" in state.borrowed:
-                return state.borrowed["dp-cp"]
-            if state.layout.config.cp == 1:
-                return self.data_parallel()
-            return self._dense("dp-cp")
+        state = self._view()
+        if "dp-cp" in state.borrowed:
+            return state.borrowed["dp-cp"]
+        if state.layout.config.cp == 1:
+            return self.data_parallel()
+        return self._dense("dp-cp")
 
     def _dense(self, kind: str) -> GroupInfo:
         """The MPU's own group of ``kind`` (local), or one from the layout (collective, once)."""
         spec = kind_named(kind)
-        with self._lock:
-            state = self._live()
-            if state.reader is not None and kind in ("tp", "pp", "mp") and kind not in state.borrowed:
-                logger.info("mpu-bridge: the %s MPU has no %s group; creating it", state.reader.flavour, kind)
-            return self._group(spec, None, f"{spec.method or kind}()")
+        state = self._view()
+        if state.reader is not None and kind in ("tp", "pp", "mp") and kind not in state.borrowed:
+            logger.info("mpu-bridge: the %s MPU has no %s group; creating it", state.reader.flavour, kind)
+        return self._group(spec, None, f"{spec.method or kind}()")
 
     def world(self) -> GroupInfo:
         """The whole world's group, for DeepSpeed's ``_clone_world_group``: the MPU's own
@@ -123,6 +121,9 @@ class Bridge(BridgeBase):
         per rank set) -- unless the bridge has its own backend or ``pg_options`` (then one
         group is created, once). DeepSpeed clones the world only because old PyTorch's
         ``get_global_rank`` refused ``WORLD``."""
+        cached = self._view().answers.get("world")  # asked before: local, never waits
+        if cached is not None:
+            return cached
         with self._lock:
             state = self._live()
             group = state.registry.world_group()
@@ -156,6 +157,13 @@ class Bridge(BridgeBase):
 
     def _group(self, spec: Kind, ep_size: Optional[int], label: str) -> GroupInfo:
         """The one request path of :meth:`group` and the dense getters (one answer per kind)."""
+        if ep_size is None or spec.grid != "expert":  # answered before, or the MPU's own: never waits
+            view = self._view()
+            known = view.borrowed.get(spec.name) or view.answers.get(
+                f"group:{spec.name}:{partitions.layout_signature(view.layout)}"
+            )
+            if known is not None:
+                return known
         with self._lock:
             state = self._live()
             try:

@@ -122,6 +122,28 @@ class BridgeBase:
             return state
         return self._rebuild()
 
+    def _view(self) -> State:
+        """The current state for what needs no communication (sizes, rank lists, answers
+        already made): read without the lock, since a :class:`State` is never changed in
+        place, only swapped whole. Only when it must be swapped (the MPU re-initialised,
+        a failed read, the bridge closed) does this wait for the lock, as :meth:`_live`.
+
+        So a thread that asks for ``ranks("tp")`` while another is in a collective
+        request (waiting for late ranks) is answered at once.
+        """
+        state = self._state
+        default = self._default_group
+        if (
+            not self._closed
+            and isinstance(state, State)
+            and default is not None
+            and _torch.default_group() is default
+            and not mpu_changed(state)
+        ):
+            return state
+        with self._lock:
+            return self._live()
+
     def _rebuild(self) -> State:
         old = self._state
         if isinstance(old, State):
@@ -154,6 +176,9 @@ class BridgeBase:
         with the other ranks through the registry before it is raised), the registry
         agrees and creates, ``finish`` builds the answer from the group infos.
         """
+        cached = self._view().answers.get(key)  # asking again is local: no lock, no wait
+        if cached is not None:
+            return cached
         with self._lock:
             state = self._live()
             if key in state.answers:
@@ -185,11 +210,12 @@ class BridgeBase:
     # -- pure views (no communication) -------------------------------------------------
 
     def _current(self) -> State:
-        """The live state; after close(), the last one (for reading counters and sizes)."""
-        with self._lock:
-            if self._closed and isinstance(self._state, State):
-                return self._state
-            return self._live()
+        """The live state (see :meth:`_view`: no lock); after close(), the last one (for
+        reading counters and sizes)."""
+        state = self._state
+        if self._closed and isinstance(state, State):
+            return state
+        return self._view()
 
     @property
     def layout(self) -> Layout:
@@ -200,6 +226,15 @@ class BridgeBase:
     def reader(self) -> Optional[MpuReader]:
         """The reader of the MPU, None when standalone."""
         return self._current().reader
+
+    @property
+    def state(self) -> State:
+        """The current reading of the MPU (rebuilt first if it was re-initialised); local.
+
+        A new object after every rebuild: adapters read their surface from it on every use,
+        and anything installed elsewhere remembers the state it was made in.
+        """
+        return self._current()
 
     @property
     def registry(self) -> GroupRegistry:
@@ -217,36 +252,32 @@ class BridgeBase:
         Example: over megatron-core with tp 2 on 4 ranks, ``bridge.ranks("data_parallel")``
         is ``(0, 2)`` on rank 0.
         """
-        with self._lock:
-            return group_ranks(self._live(), self.rank, name, ep_size)
+        return group_ranks(self._view(), self.rank, name, ep_size)
 
     # -- what was made so far (local) ----------------------------------------------------
 
     def _experts(self) -> Dict[str, ExpertGroups]:
-        state = self._live()
-        return {v.name: v for k, v in state.answers.items() if k.startswith("experts:")}
+        answers = tuple(self._view().answers.items())  # one C-level copy: safe while a request adds
+        return {v.name: v for k, v in answers if k.startswith("experts:")}
 
     def expert_group_names(self) -> Tuple[str, ...]:
-        """Names of the expert groups made so far (local)."""
-        with self._lock:
-            return tuple(self._experts())
+        """Names of the expert groups made so far (local, never waits)."""
+        return tuple(self._experts())
 
     def get_expert_groups(self, name: str) -> ExpertGroups:
-        """The expert groups created under ``name`` (``"ep_size_4"``); local."""
-        with self._lock:
-            experts = self._experts()
-            if name in experts:
-                return experts[name]
-            known = ", ".join(experts) or "none yet"
-            raise BridgeError(f"no expert groups named {name!r} (created: {known}); call expert_groups(ep_size) first")
+        """The expert groups created under ``name`` (``"ep_size_4"``); local, never waits."""
+        experts = self._experts()
+        if name in experts:
+            return experts[name]
+        known = ", ".join(experts) or "none yet"
+        raise BridgeError(f"no expert groups named {name!r} (created: {known}); call expert_groups(ep_size) first")
 
     def max_expert_size(self) -> int:
-        """The largest expert-parallel size created so far (local)."""
-        with self._lock:
-            experts = self._experts()
-            if not experts:
-                raise BridgeError("no expert groups yet; call expert_groups(ep_size) first")
-            return max(g.ep_size for g in experts.values())
+        """The largest expert-parallel size created so far (local, never waits)."""
+        experts = self._experts()
+        if not experts:
+            raise BridgeError("no expert groups yet; call expert_groups(ep_size) first")
+        return max(g.ep_size for g in experts.values())
 
     def max_expert_size_name(self) -> str:
         return f"ep_size_{self.max_expert_size()}"

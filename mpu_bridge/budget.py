@@ -59,8 +59,6 @@ from dataclasses import dataclass
 from importlib import metadata
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, TypeGuard
 
-from packaging.version import InvalidVersion, Version
-
 from .errors import LayoutError
 from .groupview import GroupView
 from .kinds import KIND_TABLE, KINDS
@@ -158,9 +156,26 @@ _FIELD_KIND: Mapping[str, str] = {k.pg_field: k.name for k in KIND_TABLE if k.pg
 # -- which megatron-core line ----------------------------------------------------
 
 
-def _line_of(version: Version) -> Optional[str]:
-    """The newest modelled line at or below ``version``'s major.minor (None: older than all)."""
-    lines = [line for line in MEGATRON_LINES if Version(line).release <= version.release[:2]]
+def _release(text: str) -> Optional[Tuple[int, int]]:
+    """``(major, minor)`` of a version string, compared with :mod:`packaging` (imported here:
+    a planner-only install, ``pip install --no-deps``, may lack it); None if it does not parse."""
+    try:
+        from packaging.version import InvalidVersion, Version
+    except ImportError:
+        raise LayoutError(
+            f"reading the megatron-core version {text!r} needs the 'packaging' package, a dependency "
+            "of mpu-bridge: pip install packaging"
+        ) from None
+    try:
+        version = Version(text)
+    except InvalidVersion:
+        return None
+    return version.major, version.minor
+
+
+def _line_of(release: Tuple[int, int]) -> Optional[str]:
+    """The newest modelled line at or below ``release`` (None: older than all of them)."""
+    lines = [line for line in MEGATRON_LINES if tuple(map(int, line.split("."))) <= release]
     return lines[-1] if lines else None
 
 
@@ -173,25 +188,30 @@ def _installed() -> Optional[str]:
         return None
 
 
+def _resolve_installed() -> Tuple[str, str]:
+    """``(line, where it came from)`` for the installed megatron-core, else the newest line."""
+    found = _installed()
+    if found is None:
+        return MEGATRON_LINES[-1], "newest modelled line (megatron-core not installed)"
+    release = _release(found)
+    if release is None:
+        return MEGATRON_LINES[-1], f"newest modelled line (installed version {found!r} unreadable)"
+    line = _line_of(release)
+    if line is None:
+        return MEGATRON_LINES[0], f"oldest modelled line (installed megatron-core {found} is older)"
+    return line, f"installed megatron-core {found}"
+
+
 def _resolve(megatron: Any) -> Tuple[str, str]:
     """``(line, where it came from)`` for ``megatron`` (see :func:`megatron_line`)."""
     if megatron is None:
-        found = _installed()
-        if found is None:
-            return MEGATRON_LINES[-1], "newest modelled line (megatron-core not installed)"
-        try:
-            line = _line_of(Version(found))
-        except InvalidVersion:
-            return MEGATRON_LINES[-1], f"newest modelled line (installed version {found!r} unreadable)"
-        if line is None:
-            return MEGATRON_LINES[0], f"oldest modelled line (installed megatron-core {found} is older)"
-        return line, f"installed megatron-core {found}"
+        return _resolve_installed()
     if not isinstance(megatron, str):
         raise LayoutError(f"megatron must be a version string such as '0.19' or None, got {megatron!r}")
-    try:
-        line = _line_of(Version(megatron))
-    except InvalidVersion:
-        raise LayoutError(f"megatron must be a version such as '0.19' or '0.16.1', got {megatron!r}") from None
+    release = _release(megatron)
+    if release is None:
+        raise LayoutError(f"megatron must be a version such as '0.19' or '0.16.1', got {megatron!r}")
+    line = _line_of(release)
     if line is None:
         raise LayoutError(
             f"megatron-core {megatron} is older than the oldest line the budget models "
@@ -219,6 +239,7 @@ class _Options:
     """What one counted init looks like: line, gloo twins per grid, all-gather kinds, dist-opt."""
 
     line: str
+    source: str
     gloo_dense: int
     gloo_expert: int
     twins: Tuple[str, ...]
@@ -274,7 +295,7 @@ def _options(
     _check_gtp(layout, line, source, n)
     dense = int(boolean("gloo", gloo, LayoutError) and c.gtp_remat == 1)
     twins = all_gather_kinds(layout, line) if boolean("all_gather", all_gather, LayoutError) else ()
-    return _Options(line, dense, dense * int(c.expert_gtp_remat == 1), twins, n, sizes)
+    return _Options(line, source, dense, dense * int(c.expert_gtp_remat == 1), twins, n, sizes)
 
 
 def _stage(layout: Layout, rank: int) -> Tuple[bool, bool]:
@@ -501,7 +522,7 @@ def _notes(layout: Layout, o: _Options) -> List[str]:
     if c.order != DEFAULT_ORDER and _twins_moved(layout, o.twins):
         notes.append(
             f"megatron-core's create_all_gather_groups() builds its twins in the default order "
-            f"{DEFAULT_ORDER}, not {c.order}: they hold other ranks than dp-cp (counted the same)"
+            f"{DEFAULT_ORDER}, not {c.order}: they hold other ranks than the groups they twin (counted the same)"
         )
     return notes
 
@@ -538,8 +559,8 @@ def budget(
     """
     if isinstance(comm_mb, bool) or not isinstance(comm_mb, (int, float)) or not comm_mb >= 0:
         raise LayoutError(f"comm_mb must be a number >= 0, got {comm_mb!r}")
-    line, source = _resolve(megatron)
-    o = _options(layout, line, True, all_gather, dist_opt_instances, hierarchical_cp)
+    o = _options(layout, megatron, True, all_gather, dist_opt_instances, hierarchical_cp)
+    line = o.line
     mine = _held(layout, rank, o)
     classes = _stage_classes(layout)
     twins = len(o.twins)
@@ -553,7 +574,7 @@ def budget(
     return {
         "rank": rank,
         "comm_mb": comm_mb,
-        "megatron": {"line": line, "source": source},
+        "megatron": {"line": line, "source": o.source},
         "all_gather": bool(twins),
         "per_rank": per_rank,
         "max_per_rank": {"megatron_nccl": m_max, "bridge": max(b for b, _ in b_counts)},

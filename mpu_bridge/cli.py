@@ -87,6 +87,12 @@ def _max_groups(text: str) -> object:
 
 
 def _add_plan_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_size_arguments(parser)
+    _add_output_arguments(parser)
+    _add_budget_arguments(parser)
+
+
+def _add_size_arguments(parser: argparse.ArgumentParser) -> None:
     sizes = parser.add_argument_group("sizes")
     sizes.add_argument("--world-size", type=int, required=True, metavar="N", help="number of ranks (GPUs)")
     sizes.add_argument("--tp", type=int, default=1, metavar="N", help="tensor-parallel size (default 1)")
@@ -130,6 +136,9 @@ def _add_plan_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="also show ZeRO++ hpZ groups: blocks of N ranks of each dp x cp group",
     )
+
+
+def _add_output_arguments(parser: argparse.ArgumentParser) -> None:
     output = parser.add_argument_group("output")
     output.add_argument(
         "--rank", type=int, default=None, metavar="R", help="also show this rank's group of every kind"
@@ -159,7 +168,6 @@ def _add_plan_arguments(parser: argparse.ArgumentParser) -> None:
         f"{MAX_LISTED_GROUPS} groups per kind, json at most {MAX_LISTED_MEMBERS} members per "
         f"group and {MAX_LISTED_RANKS} ranks per kind, svg at most 512 cells; what is cut is marked",
     )
-    _add_budget_arguments(parser)
 
 
 def _add_budget_arguments(parser: argparse.ArgumentParser) -> None:

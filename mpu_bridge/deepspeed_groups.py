@@ -6,7 +6,9 @@ dropped by :func:`reset`. Differences from the reference, all deliberate:
 
 * source ranks come from the group's own ranks (``ranks[0]``), also for strided groups;
 * asking twice for hpZ groups of the same size is a no-op, not an error;
-* ``_zero_param_parallel_is_initialized`` returns a real bool;
+* ``_zero_param_parallel_is_initialized`` returns a real bool, read from the bridge's
+  current state: after the MPU is re-initialised (the bridge rebuilds, its hpZ groups go
+  with the old state) it is False until ``_create_zero_param_parallel_group`` runs again;
 * unknown group names raise :class:`~mpu_bridge.errors.BridgeError`, not ``AssertionError``;
 * sizes, ranks, rank lists and source ranks are arithmetic: no communication, so they
   may be called on any single rank (e.g. for logging); only the ``*_group`` getters
@@ -23,6 +25,7 @@ Example::
 from __future__ import annotations
 
 import threading
+import weakref
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 from .deepspeed_layouts import _get_expert_parallel_ranks
@@ -31,6 +34,7 @@ from .validate import positive_int
 
 if TYPE_CHECKING:  # pragma: no cover
     from .bridge import Bridge, ExpertGroups, GroupInfo
+    from .state import State
 
 __all__ = [
     "_get_expert_parallel_ranks",
@@ -91,7 +95,8 @@ class _DefaultBridge:
         self._lock = threading.RLock()
         self._mpu: Optional[object] = None
         self._bridge: Optional["Bridge"] = None
-        self._zero_size: Optional[int] = None
+        # hpZ size made by create_zero, and the bridge state it was made in
+        self._zero: Optional[Tuple[int, "weakref.ReferenceType[State]"]] = None
 
     def get(self) -> "Bridge":
         with self._lock:
@@ -118,7 +123,7 @@ class _DefaultBridge:
                 self._bridge.close()
             self._bridge = None
             self._mpu = None
-            self._zero_size = None
+            self._zero = None
 
     def adopt(self, mpu: object) -> None:
         """Use ``mpu`` unless the current bridge already stands on the same layout."""
@@ -139,26 +144,43 @@ class _DefaultBridge:
                     f"groups were built on (tp={c.tp}, pp={c.pp}, cp={c.cp}); call reset() first"
                 )
 
+    def _zero_size_now(self) -> Optional[int]:
+        """The hpZ size made by :meth:`create_zero` in the bridge's *current* state, or None.
+
+        The bridge rebuilds when the MPU is re-initialised, and the hpZ groups of the old
+        state go with it: they are then not initialised, as in a fresh process.
+        """
+        if self._zero is None:
+            return None
+        size, state = self._zero
+        bridge = self._bridge
+        return size if bridge is not None and state() is bridge.state else None
+
     def create_zero(self, group_size: int) -> None:
         """hpZ groups of ``group_size``; the same size again is a no-op, another size an error."""
         with self._lock:
-            if self._zero_size is not None and self._zero_size != group_size:
+            size = self._zero_size_now()
+            if size is not None and size != group_size:
                 raise BridgeError(
-                    f"hpZ groups of size {self._zero_size} already exist; DeepSpeed's getters take no "
+                    f"hpZ groups of size {size} already exist; DeepSpeed's getters take no "
                     f"size, so size {group_size} cannot be added here (use Bridge.zero_param_groups for several)"
                 )
-            self.get().zero_param_groups(group_size)
-            self._zero_size = group_size
+            bridge = self.get()
+            bridge.zero_param_groups(group_size)
+            self._zero = (group_size, weakref.ref(bridge.state))
 
     def zero_info(self) -> "GroupInfo":
         """The hpZ group made by :meth:`create_zero` (local: it exists already)."""
         with self._lock:
-            if self._zero_size is None:
-                raise BridgeError("no hpZ groups yet; call _create_zero_param_parallel_group(size) first")
-            return self.get().zero_param_groups(self._zero_size)
+            size = self._zero_size_now()
+            if size is None:
+                again = " again (the MPU was re-initialised since)" if self._zero is not None else ""
+                raise BridgeError(f"no hpZ groups yet; call _create_zero_param_parallel_group(size) first{again}")
+            return self.get().zero_param_groups(size)
 
     def zero_initialized(self) -> bool:
-        return self._zero_size is not None
+        with self._lock:
+            return self._zero_size_now() is not None
 
     def uses_ulysses(self) -> bool:
         reader = self.get().reader

@@ -10,6 +10,14 @@ DeepSpeed's expert-gradient reduction, runs over the bridge's groups.
 Call it on every rank before ``deepspeed.initialize`` (that is when the MoE
 layers bind their groups). DeepSpeed is imported only inside these functions.
 
+What these functions put into DeepSpeed is remembered per bridge, with the bridge
+state it was made in (:attr:`Bridge.state`). When the MPU is re-initialised, the
+bridge rebuilds and the groups it had installed are gone: installing again (every
+rank) replaces exactly those entries with the rebuilt bridge's groups, rank tables
+and expert tensor-parallel size included, and uninstalling removes them whether or
+not the bridge rebuilt (or was closed) since. Entries that DeepSpeed, or another
+bridge, put there are never replaced: installing raises and names the way out.
+
 Example (every rank)::
 
     bridge = mpu_bridge.attach(parallel_state)
@@ -42,14 +50,15 @@ import importlib
 import logging
 import weakref
 from collections.abc import MutableMapping
+from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
-from typing import TYPE_CHECKING, Any, List, Optional
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
 
 from .errors import BridgeError
 
 if TYPE_CHECKING:  # pragma: no cover
     from .bridge import Bridge, ExpertGroups
-    from .state import GroupInfo
+    from .state import GroupInfo, State
 
 __all__ = [
     "install_expert_groups",
@@ -69,12 +78,37 @@ _EDP_RANKS_TABLE = "_EXPERT_DATA_PARALLEL_GROUP_RANKS"
 _TABLES = (_EP_TABLE, _EDP_TABLE)  # every DeepSpeed with MoE (0.6 to 0.19)
 # Rank tables beside them, where the DeepSpeed version has them (0.17 and later).
 _RANKS_TABLES = {_EP_TABLE: _EP_RANKS_TABLE, _EDP_TABLE: _EDP_RANKS_TABLE}
-# DeepSpeed's record of the expert tensor-parallel size (set by its E+M+D path).
+# DeepSpeed's record of the expert tensor-parallel size (set by its E+M+D path; its default is 1).
 _ETP_SIZE = "expert_tensor_parallel_world_size"
 # DeepSpeed's one ZeRO++ hpZ (secondary partition) group (checked in 0.19.8).
 _HPZ_GROUP = "_ZERO_PARAM_INTRA_PARALLEL_GROUP"
-# What install_hpz_group put into DeepSpeed, per bridge (so it can tell its own entry from DeepSpeed's).
-_installed_hpz: "weakref.WeakKeyDictionary[Bridge, GroupInfo]" = weakref.WeakKeyDictionary()
+
+# A place in deepspeed.utils.groups: (module variable, key) for an entry of a dict table,
+# (module variable, None) for the variable itself.
+_Slot = Tuple[str, Optional[str]]
+
+
+@dataclass(frozen=True)
+class _Installed:
+    """What one install put into DeepSpeed for one bridge, and the bridge state it was made in.
+
+    The bridge swaps its state when the MPU is re-initialised (and destroys what it
+    created): a record whose state is not the bridge's current one is *stale*, and its
+    entries are replaced by the next install of the same name.
+    """
+
+    name: str  # "ep_size_<n>", or the hpZ variable's name
+    values: Tuple[Tuple[_Slot, Any], ...]  # each slot and the group put there
+    answer: Any  # the ExpertGroups / GroupInfo the install returned
+    state: "weakref.ReferenceType[State]"
+    etp: Optional[Tuple[int, int]] = None  # DeepSpeed's expert-TP size (before, as set), if set
+
+    def stale(self, bridge: "Bridge") -> bool:
+        return self.state() is not bridge.state
+
+
+# bridge -> name -> what it installed (a bridge that is garbage-collected leaves no record).
+_installed: "weakref.WeakKeyDictionary[Bridge, Dict[str, _Installed]]" = weakref.WeakKeyDictionary()
 
 
 def _deepspeed_version() -> str:
@@ -111,8 +145,130 @@ def deepspeed_groups_module() -> Any:
 
 def _ranks_table(module: Any, table: str) -> Optional[MutableMapping]:
     """The rank table beside ``table``, or None where this DeepSpeed keeps none."""
-    ranks = getattr(module, _RANKS_TABLES[table], None)
+    ranks = getattr(module, _RANKS_TABLES.get(table, ""), None)
     return ranks if isinstance(ranks, MutableMapping) else None
+
+
+# -- what mpu-bridge put into DeepSpeed: one record per bridge and name ----------------------
+
+
+def _read(module: Any, slot: _Slot) -> Any:
+    variable, key = slot
+    holder = getattr(module, variable)
+    return holder if key is None else holder.get(key)
+
+
+def _write(module: Any, slot: _Slot, group: Any, ranks: Optional[List[int]]) -> None:
+    variable, key = slot
+    if key is None:
+        setattr(module, variable, group)
+        return
+    getattr(module, variable)[key] = group
+    table = _ranks_table(module, variable)
+    if table is not None and ranks is not None:
+        table[key] = ranks
+
+
+def _clear(module: Any, slot: _Slot) -> None:
+    variable, key = slot
+    if key is None:
+        setattr(module, variable, None)
+        return
+    getattr(module, variable).pop(key, None)
+    table = _ranks_table(module, variable)
+    if table is not None:
+        table.pop(key, None)
+
+
+def _records() -> List[Tuple["Bridge", _Installed]]:
+    return [(bridge, record) for bridge, named in list(_installed.items()) for record in named.values()]
+
+
+def _in_deepspeed(module: Any, record: _Installed) -> bool:
+    """Whether DeepSpeed still holds any of what ``record`` put there."""
+    return any(_read(module, slot) is group for slot, group in record.values)
+
+
+def _etp_before(module: Any) -> int:
+    """DeepSpeed's expert-TP size before mpu-bridge's installs that DeepSpeed still holds set it."""
+    current = getattr(module, _ETP_SIZE)
+    for _, record in _records():
+        if record.etp is not None and record.etp[1] == current and _in_deepspeed(module, record):
+            return record.etp[0]
+    return current
+
+
+def _owner(slot: _Slot, group: Any) -> Optional[Tuple["Bridge", _Installed]]:
+    """The bridge and record that put ``group`` into ``slot``, if mpu-bridge did."""
+    for bridge, record in _records():
+        if any(s == slot and g is group for s, g in record.values):
+            return bridge, record
+    return None
+
+
+def _remember(bridge: "Bridge", record: _Installed) -> None:
+    _installed.setdefault(bridge, {})[record.name] = record
+
+
+def _take_out(module: Any, bridge: "Bridge", name: str) -> Optional[_Installed]:
+    """Remove from DeepSpeed what ``bridge`` installed under ``name`` and forget it; return the
+    record if any of it was still there. Entries someone else put there since are left alone;
+    DeepSpeed's expert-TP size goes back to what it was unless another install still needs it."""
+    record = _installed.get(bridge, {}).pop(name, None)
+    if record is None:
+        return None
+    hit = _in_deepspeed(module, record)
+    for slot, group in record.values:
+        if _read(module, slot) is group:
+            _clear(module, slot)
+    if record.etp is not None and getattr(module, _ETP_SIZE, None) == record.etp[1]:
+        if not any(other.etp is not None and _in_deepspeed(module, other) for _, other in _records()):
+            setattr(module, _ETP_SIZE, record.etp[0])
+    return record if hit else None
+
+
+_Refuse = Callable[[Any, Optional[Tuple["Bridge", _Installed]]], BridgeError]
+
+
+def _make_room(module: Any, bridge: "Bridge", record: _Installed, refuse: _Refuse) -> None:
+    """Clear the slots ``record`` is about to fill. Each must be empty, hold the group already,
+    or hold what ``bridge`` installed under the same name from an earlier state (the MPU was
+    re-initialised since): that is taken out. Anything else raises ``refuse(present, owner)``
+    (owner: the bridge and record that installed it, None for DeepSpeed's own) before any change."""
+    stale = []
+    for slot, group in record.values:
+        present = _read(module, slot)
+        if present is None or present is group:
+            continue
+        owner = _owner(slot, present)
+        if owner is None or owner[0] is not bridge or owner[1].name != record.name or not owner[1].stale(bridge):
+            raise refuse(present, owner)
+        stale.append(owner[1].name)
+    for name in dict.fromkeys(stale):
+        logger.info(
+            "mpu-bridge: rank %d: the bridge was rebuilt since it installed DeepSpeed's %s "
+            "(the MPU was re-initialised); installing the rebuilt bridge's groups instead",
+            bridge.rank, name,
+        )
+        _take_out(module, bridge, name)
+
+
+def _install(
+    module: Any, bridge: "Bridge", record: _Installed, ranks: Dict[_Slot, List[int]], refuse: _Refuse
+) -> bool:
+    """Put ``record``'s groups into DeepSpeed for ``bridge`` (see :func:`_make_room`) and
+    remember them; False if DeepSpeed held exactly these already."""
+    _make_room(module, bridge, record, refuse)
+    already = all(_read(module, slot) is group for slot, group in record.values)
+    if not already and record.name in _installed.get(bridge, {}):
+        _take_out(module, bridge, record.name)  # an earlier record whose entries DeepSpeed dropped since
+    for slot, group in record.values:
+        _write(module, slot, group, ranks.get(slot))
+    _remember(bridge, record)
+    return not already
+
+
+# -- expert groups --------------------------------------------------------------------------
 
 
 def install_expert_groups(
@@ -131,75 +287,79 @@ def install_expert_groups(
     ``expert_tensor_parallel_world_size`` as its own E+M+D path does.
     ``data_before_expert`` as in :meth:`Bridge.expert_groups` (``None``: the MPU's order).
     Collective: call on every rank, before ``deepspeed.initialize``. Installing the
-    same groups again is a no-op.
+    same groups again is a no-op; after the MPU was re-initialised, installing again
+    replaces what this bridge installed before with its rebuilt groups.
 
     Raises :class:`~mpu_bridge.errors.BridgeError` if DeepSpeed is missing or keeps
     its tables elsewhere (checked before any group is created), or if DeepSpeed
-    already holds *other* groups under that name.
+    already holds *other* groups under that name (its own, or another bridge's:
+    :func:`uninstall_expert_groups` that bridge first).
 
     Example: ``install_expert_groups(bridge, 2).expert_parallel.ranks`` -> ``(0, 1)`` on rank 0 of 4.
     """
     module = deepspeed_groups_module()
-    name = f"ep_size_{ep_size}"
     experts = bridge.expert_groups(
         ep_size, data_before_expert=data_before_expert, expert_tensor_parallel=expert_tensor_parallel
     )
+    name = experts.name
     ep_info, edp_info = experts.expert_parallel, experts.expert_data_parallel
-    present = {table: getattr(module, table).get(name) for table in _TABLES}
-    if any(group is not None for group in present.values()):
-        if present[_EP_TABLE] is ep_info.group and present[_EDP_TABLE] is edp_info.group:
-            return experts
-        theirs = present[_EP_TABLE]
-        held = _group_ranks(theirs) if theirs is not None else []
-        raise BridgeError(
+    ep_slot, edp_slot = (_EP_TABLE, name), (_EDP_TABLE, name)
+    etp = experts.layout.config.etp or 1
+    etp_change = None
+    if etp > 1 and hasattr(module, _ETP_SIZE):
+        etp_change = (_etp_before(module), etp)
+    record = _Installed(name, ((ep_slot, ep_info.group), (edp_slot, edp_info.group)), experts,
+                        weakref.ref(bridge.state), etp_change)
+
+    def refuse(present: Any, owner: Optional[Tuple["Bridge", _Installed]]) -> BridgeError:
+        if owner is not None:
+            theirs = owner[1].answer.expert_parallel.ranks
+            return BridgeError(
+                f"DeepSpeed already holds expert groups named {name!r} that mpu-bridge installed for another "
+                f"bridge (expert-parallel ranks {list(theirs)} on rank {bridge.rank}, this bridge's are "
+                f"{list(ep_info.ranks)}); DeepSpeed keeps one per name: call uninstall_expert_groups on the "
+                "bridge that installed them first"
+            )
+        return BridgeError(
             f"DeepSpeed already holds expert groups named {name!r} that mpu-bridge did not create "
-            f"(expert-parallel ranks {held} on rank {bridge.rank}, the bridge's are "
+            f"(expert-parallel ranks {_group_ranks(present)} on rank {bridge.rank}, the bridge's are "
             f"{list(ep_info.ranks)}); call install_expert_groups before deepspeed.initialize "
             "and before any MoE layer creates its groups"
         )
-    for table, info in ((_EP_TABLE, ep_info), (_EDP_TABLE, edp_info)):
-        getattr(module, table)[name] = info.group
-        ranks = _ranks_table(module, table)
-        if ranks is not None:
-            ranks[name] = list(info.ranks)
-    etp = experts.layout.config.etp or 1
-    if etp > 1 and hasattr(module, _ETP_SIZE):
+
+    changed = _install(module, bridge, record, {ep_slot: list(ep_info.ranks), edp_slot: list(edp_info.ranks)},
+                       refuse)
+    if etp_change is not None:
         setattr(module, _ETP_SIZE, etp)
-    logger.info(
-        "mpu-bridge: installed DeepSpeed expert groups %s on rank %d: expert parallel %s, "
-        "expert data parallel %s",
-        name,
-        bridge.rank,
-        list(ep_info.ranks),
-        list(edp_info.ranks),
-    )
+    if changed:
+        logger.info(
+            "mpu-bridge: installed DeepSpeed expert groups %s on rank %d: expert parallel %s, "
+            "expert data parallel %s",
+            name,
+            bridge.rank,
+            list(ep_info.ranks),
+            list(edp_info.ranks),
+        )
     return experts
 
 
 def uninstall_expert_groups(bridge: "Bridge") -> List[str]:
     """Remove from DeepSpeed's tables every expert group ``bridge`` installed; return their names.
 
-    Call before ``bridge.close()`` so DeepSpeed keeps no destroyed group. Entries
-    DeepSpeed created itself are left alone.
+    Local. Works after the MPU was re-initialised (the entries from before the
+    bridge's rebuild are removed) and after ``bridge.close()``; call it before
+    ``close()`` so DeepSpeed holds no destroyed group meanwhile. Entries DeepSpeed
+    created itself are left alone; DeepSpeed's expert tensor-parallel size goes back
+    to its value from before the install.
 
     Example: ``uninstall_expert_groups(bridge)`` -> ``["ep_size_2"]``.
     """
     module = deepspeed_groups_module()
-    removed = []
-    for name in bridge.expert_group_names():
-        experts = bridge.get_expert_groups(name)
-        pairs = ((_EP_TABLE, experts.expert_parallel.group), (_EDP_TABLE, experts.expert_data_parallel.group))
-        hit = False
-        for table, group in pairs:
-            if getattr(module, table).get(name) is group:
-                del getattr(module, table)[name]
-                ranks = _ranks_table(module, table)
-                if ranks is not None:
-                    ranks.pop(name, None)
-                hit = True
-        if hit:
-            removed.append(name)
-    return removed
+    names = [name for name in _installed.get(bridge, {}) if name != _HPZ_GROUP]
+    return [name for name in names if _take_out(module, bridge, name) is not None]
+
+
+# -- ZeRO++ hpZ -----------------------------------------------------------------------------
 
 
 def _hpz_groups_module() -> Any:
@@ -220,19 +380,12 @@ def _hpz_groups_module() -> Any:
     return module
 
 
-def _installed_by(group: Any) -> Optional["GroupInfo"]:
-    """The hpZ group info mpu-bridge installed whose group is ``group``, if any."""
-    for info in list(_installed_hpz.values()):
-        if info.group is group:
-            return info
-    return None
-
-
-def _other_hpz_group(present: Any, info: "GroupInfo", rank: int) -> BridgeError:
+def _other_hpz_group(
+    present: Any, info: "GroupInfo", rank: int, owner: Optional[Tuple["Bridge", _Installed]]
+) -> BridgeError:
     """The error for a DeepSpeed that already holds another hpZ group than ``info``'s."""
-    ours = _installed_by(present)
-    held = list(ours.ranks) if ours is not None else _group_ranks(present)
-    if ours is not None:
+    if owner is not None:
+        held = list(owner[1].answer.ranks)
         return BridgeError(
             f"DeepSpeed already holds an hpZ group installed by mpu-bridge (ranks {held} on rank "
             f"{rank}, size {len(held)}), not the bridge's size-{info.world_size} group "
@@ -241,7 +394,7 @@ def _other_hpz_group(present: Any, info: "GroupInfo", rank: int) -> BridgeError:
         )
     return BridgeError(
         f"DeepSpeed already holds a ZeRO parameter intra parallel (hpZ) group that mpu-bridge did "
-        f"not create (ranks {held} on rank {rank}, the bridge's are {list(info.ranks)}); "
+        f"not create (ranks {_group_ranks(present)} on rank {rank}, the bridge's are {list(info.ranks)}); "
         "call install_hpz_group before deepspeed.initialize and deepspeed.zero.Init, which "
         "create their own when zero_hpz_partition_size > 1 and none is installed"
     )
@@ -263,7 +416,9 @@ def install_hpz_group(bridge: "Bridge", partition_size: int) -> "GroupInfo":
     and the bridge's data-parallel group (``mpu=bridge.as_legacy_mpu()``).
 
     Collective the first time (call on every rank, before ``deepspeed.initialize``
-    and ``zero.Init``); installing the same group again is a no-op.
+    and ``zero.Init``); installing the same group again is a no-op. After the MPU
+    was re-initialised, installing again replaces the group this bridge installed
+    before with its rebuilt one.
 
     Raises :class:`~mpu_bridge.errors.BridgeError` if DeepSpeed is missing or keeps
     the group elsewhere, if ``partition_size`` (after clamping) is below 2 (hpZ
@@ -285,37 +440,33 @@ def install_hpz_group(bridge: "Bridge", partition_size: int) -> "GroupInfo":
             f"hpZ partition size {partition_size} is clamped to the data-parallel size {info.world_size}: "
             "hpZ would be off; install no hpZ group"
         )
-    present = getattr(module, _HPZ_GROUP)
-    if present is info.group:
-        _installed_hpz[bridge] = info
-        return info
-    if present is not None:
-        raise _other_hpz_group(present, info, bridge.rank)
-    setattr(module, _HPZ_GROUP, info.group)
-    _installed_hpz[bridge] = info
-    logger.info(
-        "mpu-bridge: installed DeepSpeed's hpZ (ZeRO parameter intra parallel) group on rank %d: %s",
-        bridge.rank,
-        list(info.ranks),
-    )
+    record = _Installed(_HPZ_GROUP, (((_HPZ_GROUP, None), info.group),), info, weakref.ref(bridge.state))
+
+    def refuse(present: Any, owner: Optional[Tuple["Bridge", _Installed]]) -> BridgeError:
+        return _other_hpz_group(present, info, bridge.rank, owner)
+
+    if _install(module, bridge, record, {}, refuse):
+        logger.info(
+            "mpu-bridge: installed DeepSpeed's hpZ (ZeRO parameter intra parallel) group on rank %d: %s",
+            bridge.rank,
+            list(info.ranks),
+        )
     return info
 
 
 def uninstall_hpz_group(bridge: "Bridge") -> Optional["GroupInfo"]:
     """Remove from DeepSpeed the hpZ group ``bridge`` installed; return it (None if none was there).
 
-    Local. Call before ``bridge.close()`` so DeepSpeed keeps no destroyed group, or
-    before installing another size. A group DeepSpeed created itself is left alone.
+    Local. Works after the MPU was re-initialised and after ``bridge.close()``; call
+    it before ``close()`` so DeepSpeed holds no destroyed group meanwhile, or before
+    installing another size. A group DeepSpeed created itself is left alone.
     Engines built meanwhile keep the group they hold.
 
     Example: ``uninstall_hpz_group(bridge).ranks`` -> ``(0, 2)`` on rank 0 of ``attach(None, tp=2)``.
     """
     module = _hpz_groups_module()
-    info = _installed_hpz.pop(bridge, None)
-    if info is None or getattr(module, _HPZ_GROUP) is not info.group:
-        return None
-    setattr(module, _HPZ_GROUP, None)
-    return info
+    record = _take_out(module, bridge, _HPZ_GROUP)
+    return record.answer if record is not None else None
 
 
 def _group_ranks(group: Any) -> List[int]:

@@ -80,7 +80,7 @@ KIND_TABLE: Tuple[Kind, ...] = (
     Kind("tp-dp", "dense", ("tp", GTP, "dp"), "tensor x data parallel", "tp-dp", mesh_dim="tp_dp"),
     Kind("tp-dp-cp", "dense", ("tp", GTP, "dp", "cp"), "tensor x data x context parallel", "tp-dp-cp",
          pg_field="tp_dp_cp", mesh_dim="tp_dp_cp"),
-    Kind("mp", "dense", ("tp", GTP, "pp"), "model parallel (tensor x pipeline)", "mp", "model_parallel",
+    Kind("mp", "dense", ("tp", GTP, "pp"), "model parallel (tensor x gtp x pipeline)", "mp", "model_parallel",
          ("model_parallel",), "mp", "mp"),
     Kind("ep", "expert", ("ep",), "expert parallel", "ep", "expert_parallel", (), "ep", "ep"),
     Kind("etp", "expert", ("tp",), "expert tensor parallel", "etp", "expert_tensor_parallel", (),

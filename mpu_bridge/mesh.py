@@ -302,6 +302,57 @@ def _accepted() -> str:
             "with flattened dp, dp_shard_cp, dp_cp, ep)")
 
 
+def _check_ascending(
+    tensor: torch.Tensor, names: Sequence[str], name: str, axes: Sequence[int], rank: int,
+    flat: Optional[Tuple[int, ...]],
+) -> None:
+    """Every slice of the mesh along ``axes`` (row-major; a flattened dim's root axes, or one
+    root dim) ascends, as the process group over it orders its ranks; else MpuError.
+
+    A slice that runs backwards (``DeviceMesh("cpu", [[1, 0], [3, 2]], ("dp", "tp"))``) puts a
+    rank at one place in the mesh (its coordinate, DTensor's shard index) and another in the
+    group (``dist.get_rank(group)``, what collectives use), so no rank the bridge could report
+    is right for both. Checked over the whole tensor, so every rank refuses alike."""
+    from .errors import MpuError
+
+    if not axes:  # a flattened dim no root axes give (torch flattens root dims): this rank's own
+        slices = [list(flat or ())]
+    else:
+        rest = [a for a in range(tensor.dim()) if a not in axes]
+        width = math.prod(tensor.shape[a] for a in axes)
+        slices = tensor.permute(*rest, *axes).reshape(-1, width).tolist()
+    bad = [s for s in slices if any(b <= a for a, b in zip(s, s[1:]))]
+    if not bad:
+        return
+    shown = next((s for s in bad if rank in s), bad[0])
+    through = rank if rank in shown else shown[0]
+    kind = "flattened dim" if flat is not None else "dim"
+    raise MpuError(
+        f"the DeviceMesh's {name!r} slice through rank {through} is {shown} (mesh dims "
+        f"{tuple(names)}), but its process group orders them {sorted(shown)} (torch orders a group "
+        f"by global rank): rank {through} would be {name} rank {shown.index(through)} by the mesh and "
+        f"{sorted(shown).index(through)} by the group, and {len(bad)} of the {len(slices)} slices of "
+        f"this {kind} run out of order like that. mpu-bridge reports a group's own ranks, so it reads "
+        f"only meshes whose slices ascend: build the mesh with every {name} slice in ascending order "
+        f"(e.g. {sorted(shown)})"
+    )
+
+
+def _group_in_order(name: str, ranks: Tuple[int, ...], group: Any) -> Tuple[Tuple[int, ...], Any]:
+    """``(ranks, group)`` of a mesh dim, once ``ranks`` is ``group``'s own order (the ranks the
+    reader reports and the group it hands out must give every rank the same place); else MpuError."""
+    from .errors import MpuError
+
+    actual = tuple(int(r) for r in dist.get_process_group_ranks(group))
+    if actual != ranks:
+        raise MpuError(
+            f"the DeviceMesh's {name!r} group holds ranks {list(actual)} in group order, but the mesh "
+            f"slice through rank {dist.get_rank()} is {list(ranks)}; mpu-bridge reports a group's own "
+            "ranks, so the mesh must list each slice in its group's order"
+        )
+    return ranks, group
+
+
 class MeshMpu:
     """A ``DeviceMesh`` with named dims, read as a megatron-core-style MPU.
 
@@ -314,6 +365,12 @@ class MeshMpu:
     ``dp_shard_cp``, ``ep``, ``edp``, ``etp``) lend their groups wherever their ranks are
     a group's. A group no mesh dim holds is left for the bridge to create on request.
     The rank order is inferred from the mesh tensor (exposed as ``order``).
+
+    Every dim it reads must list each slice ascending, the order its process group holds
+    its ranks in (torch orders a group by global rank): the ranks it reports are then its
+    groups' own, ``get_tensor_model_parallel_rank() == dist.get_rank(group)``. A mesh with a
+    slice that runs backwards (``[[1, 0], [3, 2]]`` over ``("dp", "tp")``) is an MpuError on
+    every rank, naming the slice.
 
     The reader reports it as the MPU flavour ``"device-mesh"`` (detected by class, see
     :func:`mpu_bridge.mpu.names.detect_flavour`), answered with megatron-core's getter
@@ -359,13 +416,17 @@ class MeshMpu:
         self._tensor = tensor
         # candidate groups: each root dim, each known flattened dim: name -> (ranks in group order, group)
         self._named: Dict[str, Tuple[Tuple[int, ...], Any]] = {}
-        flat: Dict[str, Tuple[int, ...]] = {}
-        for name, sub in _torch.mesh_flattened(mesh).items():
-            if name in MESH_FLAT_NAMES:
-                flat[name] = tuple(int(r) for r in sub.mesh.flatten().tolist())
-                self._named[name] = (flat[name], sub.get_group())
+        subs = {name: sub for name, sub in _torch.mesh_flattened(mesh).items() if name in MESH_FLAT_NAMES}
+        flat = {name: tuple(int(r) for r in sub.mesh.flatten().tolist()) for name, sub in subs.items()}
+        # every dim read must run its slices ascending, as its process group does (checked over
+        # the whole mesh tensor, so every rank refuses alike), before any group is taken
         for axis, name in enumerate(names):
-            self._named[name] = (self._axes_ranks([axis]), mesh.get_group(name))
+            _check_ascending(tensor, names, name, [axis], self._rank, None)
+        for name, ranks in flat.items():
+            _check_ascending(tensor, names, name, self._flattened_axes(ranks), self._rank, ranks)
+            self._named[name] = _group_in_order(name, ranks, subs[name].get_group())
+        for axis, name in enumerate(names):
+            self._named[name] = _group_in_order(name, self._axes_ranks([axis]), mesh.get_group(name))
         self._dims = self._read_dims(names, flat)
         groups = {d: list(r) for d, r in self._dims.items() if d in ("tp", "cp", "dp", "pp", "ep", "etp", "edp")}
         self.order = infer_order(world, {}, groups)
@@ -393,22 +454,40 @@ class MeshMpu:
             index[axis] = slice(None)
         return tuple(int(r) for r in self._tensor[tuple(index)].flatten().tolist())
 
+    def _group_ranks(self, axes: Sequence[int]) -> Tuple[int, ...]:
+        """This rank's group over ``axes``, in group order: ascending, as every group torch or
+        the bridge makes orders its members (the root axes ascend: checked at construction, so
+        one axis is its slice; several are sorted, since their row-major walk need not ascend
+        when the mesh lists a faster dim before a slower one)."""
+        ranks = self._axes_ranks(axes)
+        return ranks if len(axes) == 1 else tuple(sorted(ranks))
+
+    def _flattened_axes(self, ranks: Tuple[int, ...]) -> List[int]:
+        """The root axes whose row-major slice through this rank is the flattened dim ``ranks``
+        (torch flattens a submesh of root dims in mesh order); [] when none is."""
+        count = len(self._tensor.shape)
+        for mask in range(1, 1 << count):
+            axes = [axis for axis in range(count) if mask >> axis & 1]
+            if self._axes_ranks(axes) == ranks:
+                return axes
+        return []
+
     def _read_dims(self, names: Tuple[str, ...], flat: Mapping[str, Tuple[int, ...]]) -> Dict[str, Tuple[int, ...]]:
         """MPU dimension -> this rank's group ranks (group order)."""
         axis = {n: i for i, n in enumerate(names)}
         data = [axis[n] for n in _DATA_AXES if n in axis]
         dims: Dict[str, Tuple[int, ...]] = {}
         for dim in ("tp", "pp", "cp"):
-            dims[dim] = self._axes_ranks([axis[dim]]) if dim in axis else (self._rank,)
+            dims[dim] = self._group_ranks([axis[dim]]) if dim in axis else (self._rank,)
         cp_axes = [axis["cp"]] if "cp" in axis else []
         if "ep" in axis:
-            dims["dp"] = self._axes_ranks(sorted(data + [axis["ep"]]))
-            dims["sdp"] = self._axes_ranks(sorted(data + [axis["ep"]] + cp_axes))
-            dims["ep"] = self._axes_ranks([axis["ep"]])
-            dims["edp"] = self._axes_ranks(sorted(data + cp_axes))
+            dims["dp"] = self._group_ranks(sorted(data + [axis["ep"]]))
+            dims["sdp"] = self._group_ranks(sorted(data + [axis["ep"]] + cp_axes))
+            dims["ep"] = self._group_ranks([axis["ep"]])
+            dims["edp"] = self._group_ranks(sorted(data + cp_axes))
         else:
-            dims["dp"] = self._axes_ranks(sorted(data))
-            dims["sdp"] = self._axes_ranks(sorted(data + cp_axes))
+            dims["dp"] = self._group_ranks(sorted(data))
+            dims["sdp"] = self._group_ranks(sorted(data + cp_axes))
             if "ep" in flat:
                 dims["ep"] = flat["ep"]
         for name in ("edp", "etp"):

@@ -3,7 +3,7 @@
 :func:`process_group_collection` (``Bridge.process_group_collection``) returns
 megatron-core's own ``megatron.core.process_groups_config.ProcessGroupCollection``
 with every field the installed release declares (of the 27 names of :data:`FIELDS`:
-twenty in 0.15.0-0.17, 23 in 0.18 with the all-gather twins and ``expt_dp``..., all
+twenty in 0.15.0-0.17, 22 in 0.18 with the all-gather twins, all
 27 in 0.19 with Generalized Tensor Parallelism), so a model, DDP, an optimizer or
 ``finalize_model_grads`` that takes ``pg_collection=`` runs over the bridge's groups.
 

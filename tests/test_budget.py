@@ -261,6 +261,33 @@ def test_bridge_rank_sets_match_listed_sets(world: int, sizes: Dict[str, Any], o
     assert b["memory_mib"]["bridge"] == (per_rank[0] + twins) * DEFAULT_COMM_MB
 
 
+@pytest.mark.parametrize("line", MEGATRON_LINES)
+@pytest.mark.parametrize("world, sizes, opts", LAYOUTS)
+def test_bridge_split_group_partitions_match_listed_partitions(
+    world: int, sizes: Dict[str, Any], opts: Dict[str, Any], line: str
+) -> None:
+    """One split_group per field that brings a rank set not held yet (covering fields first,
+    then embd and pos_embd), plus one per all-gather twin."""
+    layout = plan(world, **sizes)
+    if line != "0.19" and any(sizes.get(k, 1) > 1 for k in _GTP_SIZES):
+        return
+    parts: Dict[str, set] = {}
+    for r in range(world):
+        for field, view in bridge_fields(layout, r, megatron=line).items():
+            if view is not None and view.size < world and not field.endswith("_ag"):
+                parts.setdefault(field, set()).add(tuple(view))
+    order = [f for f in parts if f not in ("embd", "pos_embd")] + [f for f in ("embd", "pos_embd") if f in parts]
+    held: set = set()
+    calls = 0
+    for field in order:
+        calls += bool(parts[field] - held)
+        held |= parts[field]
+    twins = len(bridge_twins(layout, 0, megatron=line)) if opts.get("all_gather") else 0
+    b = budget(layout, megatron=line, **opts)
+    assert b["world"]["bridge_partitions"] == calls + twins
+    assert b["world"]["bridge_split_group"] == world * (calls + twins)
+
+
 # -- written-out numbers -------------------------------------------------------------------
 
 

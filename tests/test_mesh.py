@@ -313,6 +313,81 @@ def _no_names(bridge: Any) -> Dict[str, str]:
 
 
 
+# -- the rank rule: what the bridge reports as a rank is its group's own rank -----------------
+
+#: Methods that hand out one group (name -> call), for the rank rule.
+_GROUP_CALLS: Dict[str, Callable[[Any], Any]] = {
+    "tensor_parallel": lambda b: b.tensor_parallel(),
+    "pipeline_parallel": lambda b: b.pipeline_parallel(),
+    "model_parallel": lambda b: b.model_parallel(),
+    "data_parallel": lambda b: b.data_parallel(),
+    "sequence_parallel": lambda b: b.sequence_parallel(),
+    "sequence_data_parallel": lambda b: b.sequence_data_parallel(),
+    "expert_parallel": lambda b: b.expert_groups(2).expert_parallel,
+    "expert_data_parallel": lambda b: b.expert_groups(2).expert_data_parallel,
+}
+#: legacy getter prefix -> the method whose group it answers.
+_LEGACY = {
+    "get_tensor_model_parallel": "tensor_parallel",
+    "get_pipeline_model_parallel": "pipeline_parallel",
+    "get_data_parallel": "data_parallel",
+}
+
+
+def _rank_rule(bridge: Any) -> Dict[str, Any]:
+    """Per group the bridge hands out: (reported ranks, reported rank, the group's own ranks,
+    ``dist.get_rank(group)``), and the legacy MPU's rank getters next to the group's rank."""
+    import torch.distributed as dist
+
+    out: Dict[str, Any] = {}
+    for name, call in _GROUP_CALLS.items():
+        info = call(bridge)
+        out[name] = (tuple(info.ranks), info.rank, tuple(dist.get_process_group_ranks(info.group)),
+                     dist.get_rank(info.group))
+    legacy = bridge.as_legacy_mpu()
+    for prefix, name in _LEGACY.items():
+        out[f"legacy {prefix}_rank"] = (getattr(legacy, f"{prefix}_rank")(), out[name][3])
+    return out
+
+
+#: 8-rank meshes: name -> (mesh tensor as nested lists, dim names). Those whose slices all
+#: ascend are read; those with a slice that runs backwards are refused.
+_ORDER_MESHES: Dict[str, Any] = {
+    "ascending_dp_tp": ([[0, 1], [2, 3], [4, 5], [6, 7]], ("dp", "tp")),
+    "ascending_pp_dp_tp": ([[[0, 1], [2, 3]], [[4, 5], [6, 7]]], ("pp", "dp", "tp")),
+    "ascending_tp_first": ([[0, 2, 4, 6], [1, 3, 5, 7]], ("tp", "dp")),  # tp listed first, still ascending
+    "ascending_ep_root": ([[[0, 1], [2, 3]], [[4, 5], [6, 7]]], ("dp", "ep", "tp")),
+    "backwards_tp": ([[1, 0], [3, 2], [5, 4], [7, 6]], ("dp", "tp")),
+    "backwards_dp": ([[6, 7], [4, 5], [2, 3], [0, 1]], ("dp", "tp")),
+    "backwards_pp": ([[[4, 5], [6, 7]], [[0, 1], [2, 3]]], ("pp", "dp", "tp")),
+    "backwards_ep_root": ([[[0, 1], [6, 7]], [[4, 5], [2, 3]]], ("dp", "ep", "tp")),
+}
+
+
+def _order_meshes(rank: int) -> Dict[str, Any]:
+    """Every mesh of :data:`_ORDER_MESHES` attached: the rank rule, or the error."""
+    from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+    import mpu_bridge
+
+    out: Dict[str, Any] = {}
+    for name, (tensor, names) in _ORDER_MESHES.items():
+        mesh = DeviceMesh("cpu", tensor, mesh_dim_names=names)
+        try:
+            with mpu_bridge.attach(mesh, agreement_timeout=AGREEMENT_TIMEOUT_S) as bridge:
+                out[name] = _rank_rule(bridge)
+        except BridgeError as exc:
+            out[name] = {"type": type(exc).__name__, "message": str(exc)}
+    # torchtitan's names with flattened dims
+    mesh = init_device_mesh("cpu", (1, 2, 1, 2, 2), mesh_dim_names=("pp", "dp_replicate", "dp_shard", "cp", "tp"))
+    mesh["dp_replicate", "dp_shard"]._flatten("dp")
+    mesh["dp_replicate", "dp_shard", "cp"]._flatten("dp_cp")
+    mesh["dp_shard", "cp"]._flatten("ep")
+    with mpu_bridge.attach(mesh, agreement_timeout=AGREEMENT_TIMEOUT_S) as bridge:
+        out["torchtitan"] = _rank_rule(bridge)
+    return out
+
+
 def _world(rank: int, world_size: int) -> Dict[str, Any]:
     import mpu_bridge
 
@@ -330,6 +405,7 @@ def _world(rank: int, world_size: int) -> Dict[str, Any]:
     out["round_trip"] = _round_trip(rank)
     out["megatron_names"] = _megatron_names(rank)
     out["torchtitan"] = _torchtitan(rank)
+    out["order_meshes"] = _order_meshes(rank)
     if HAS_MEGATRON:
         out["megatron"] = _megatron(rank)
     return out
@@ -628,3 +704,52 @@ def test_the_device_mesh_flavour_is_detected_by_class_and_only_then():
             return 1
 
     assert detect_flavour(LooksAlike()) == "megatron-core"
+
+
+# -- the rank rule -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", list(_ORDER_MESHES) + ["torchtitan"])
+def test_every_reported_rank_is_the_rank_in_the_group_handed_out(world, name):
+    # for every mesh, on every rank: either the mesh is refused (on every rank alike), or every
+    # group the bridge hands out reports the group's own order as its ranks and
+    # dist.get_rank(group) as its rank -- the legacy MPU's rank getters too
+    observed = _each(world, "order_meshes", name)
+    if any("type" in obs for obs in observed):
+        assert all(obs.get("type") == "MpuError" for obs in observed), observed
+        return
+    for rank, obs in enumerate(observed):
+        for method in _GROUP_CALLS:
+            ranks, reported, group_ranks, group_rank = obs[method]
+            assert ranks == group_ranks, (rank, method, ranks, group_ranks)
+            assert reported == group_rank == ranks.index(rank), (rank, method, reported, group_rank)
+        for key in [k for k in obs if k.startswith("legacy")]:
+            legacy, group_rank = obs[key]
+            assert legacy == group_rank, (rank, key)
+
+
+def test_meshes_whose_slices_all_ascend_are_read(world):
+    for name in [n for n in _ORDER_MESHES if n.startswith("ascending")] + ["torchtitan"]:
+        for obs in _each(world, "order_meshes", name):
+            assert "type" not in obs, (name, obs)
+
+
+@pytest.mark.parametrize(
+    "name, dim, slice_, group",
+    [
+        ("backwards_tp", "tp", [1, 0], [0, 1]),
+        ("backwards_dp", "dp", [6, 4, 2, 0], [0, 2, 4, 6]),
+        ("backwards_pp", "pp", [4, 0], [0, 4]),
+        ("backwards_ep_root", "ep", [0, 6], [0, 6]),
+    ],
+)
+def test_a_mesh_whose_slices_run_backwards_is_refused(world, name, dim, slice_, group):
+    # DeviceMesh("cpu", [[1, 0], [3, 2]], ("dp", "tp")): the mesh puts rank 0 at tp place 1,
+    # its group (torch orders every group by global rank) at 0; a layer that picks its shard
+    # by tp rank and all-gathers over the group would misplace shards: refused, on every rank
+    for rank, error in enumerate(_each(world, "order_meshes", name)):
+        assert error.get("type") == "MpuError", (rank, error)
+        assert "runs backwards" in error["message"] or "ascend" in error["message"], error["message"]
+    message = world[0]["order_meshes"][name]["message"]
+    if name != "backwards_ep_root":
+        assert f"{dim!r} slice through rank 0 is {slice_}" in message, message
+        assert f"its process group orders them {group}" in message, message

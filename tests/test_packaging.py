@@ -205,7 +205,7 @@ def _line_packages(line: dict) -> Dict[str, str]:
 
 
 def _tested_versions(package: str) -> List[Version]:
-    """The releases of ``package`` in supported lines (a supported line passes with all of them)."""
+    """The releases of ``package`` that the supported lines of the matrix install."""
     return sorted(
         {
             Version(_line_packages(line)[package])

@@ -30,6 +30,7 @@ from torch.distributed import distributed_c10d as c10d
 from _multiproc import run_ranks
 from mpu_bridge.errors import BridgeError, GroupCreationError, LayoutError, PlanMismatchError
 from mpu_bridge.layout import KINDS, plan
+from mpu_bridge.optional import is_available
 from mpu_bridge.registry import GroupRegistry, Partition
 
 # --------------------------------------------------------------------------------------
@@ -285,6 +286,8 @@ def errors() -> List[Dict[str, Any]]:
 
 @pytest.fixture(scope="module")
 def megatron() -> List[Dict[str, Any]]:
+    if not is_available("megatron.core"):
+        pytest.skip("needs megatron-core (pip install 'mpu-bridge[megatron]')")
     return run_ranks(_megatron_world, 4, timeout=240)
 
 

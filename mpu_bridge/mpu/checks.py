@@ -3,14 +3,16 @@
 Functions taking a :class:`~mpu_bridge.mpu.reader.MpuReader` (the reader's own
 :meth:`~mpu_bridge.mpu.reader.MpuReader.check_against_world` delegates here): the
 sizes must multiply to the world, every group the MPU returns must have as many
-ranks as it reports and hold this rank at the reported index, and the combined
+ranks as it reports and hold this rank at the reported index, its ranks must be
+listed in the process group's own order (so the rank the bridge reports is
+``dist.get_rank(group)``), and the combined
 sizes must match (sequence-data = dp·cp, model = tp·pp, expert-data from the
 expert sizes). This module does not import torch at import time.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, List, Optional
 
 from ..errors import MpuError
 from .names import ALL_DIMENSIONS, DIMENSION_DESCRIPTIONS
@@ -125,6 +127,36 @@ def _check_dim(
             f"{reader.source(dim, 'rank')}), but rank {rank} is at position "
             f"{ranks.index(rank)} of {ranks}"
         )
+    if reader.has(dim, "group"):
+        _check_group_order(reader, dim, rank, ranks, ranks_source)
+
+
+def _check_group_order(reader: MpuReader, dim: str, rank: int, ranks: List[int], source: str) -> None:
+    """The rank rule: the MPU lists its ``dim`` group in the group's own order, so the rank the
+    bridge reports (a place in ``ranks``) is ``dist.get_rank(group)``, the place collectives use.
+    (A different rank set is the registry's error when it borrows the group.)"""
+    own = _torch_group_ranks(reader.group(dim))
+    if own is None or own == list(ranks) or sorted(own) != sorted(ranks):
+        return
+    raise MpuError(
+        f"the MPU lists its {dim} group as {list(ranks)} (from {source}), but its process group "
+        f"({reader.source(dim, 'group')}) holds them as {own}: rank {rank} would be {dim} rank "
+        f"{list(ranks).index(rank)} by the MPU and {own.index(rank)} in the group, and a layer that "
+        f"picks its shard by that rank and gathers over the group would misplace shards; list each "
+        f"group in its process group's order (torch orders a group by global rank: {own})"
+    )
+
+
+def _torch_group_ranks(group: Any) -> Optional[List[int]]:
+    """The group's global ranks in group order according to torch.distributed, None if it cannot tell."""
+    try:
+        import torch.distributed as dist  # lazy: only when a group must be inspected
+
+        if not dist.is_initialized():
+            return None
+        return [int(r) for r in dist.get_process_group_ranks(group)]
+    except Exception:
+        return None
 
 
 def _torch_group_size(group: Any) -> Optional[int]:

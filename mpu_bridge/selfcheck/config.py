@@ -272,8 +272,9 @@ def expected_exports(
     so this stays free of torch); fields megatron-core leaves None on every rank
     (``hcp``, ``inter_dist_opt``, ``expt_dp_ag`` without experts) are left out. The
     all-gather twins (``dp_cp_ag``, ``expt_dp_ag``) are checked as created with
-    ``all_gather=True``: the ranks of ``dp_cp`` / ``expt_dp``, their own communicator. Then the dense mesh's :data:`MESH_DIMS` and, for every expert-parallel
-    size above 1, the expert mesh's :data:`EXPERT_MESH_DIMS`.
+    ``all_gather=True``: the ranks of ``dp_cp`` / ``expt_dp``, their own communicator.
+    Then the dense mesh's :data:`MESH_DIMS` and, for every expert-parallel size above 1,
+    the expert mesh's :data:`EXPERT_MESH_DIMS`.
 
     Example: ``expected_exports(SelfCheckConfig(tp=2), 4, 3, ("tp", "hcp"))
     == {"pg_collection.tp": (2, 3), "device_mesh.pp": (3,), ...}``.
