@@ -28,8 +28,8 @@ raises, so each rank's next round -- including a rank that skipped the failed on
 -- starts at round 1 of the new epoch. Once the ranks are back in step (a barrier,
 then identical calls) they agree again.
 
-Grouped facts: a value that only the members of one group must share (how many
-process groups each member holds before creating it, say) is published as
+Grouped facts: a value that only the members of one group must share (the salt
+PyTorch will hash into the group's name on each member, say) is published as
 ``(group id, value)``; the first member to publish a pair also counts it in the
 round's ``distinct`` counter for that name, so after the round every rank reads how
 many distinct pairs there were: the number of groups exactly when the members of
@@ -295,7 +295,7 @@ def agree(
     least one rank a pair for each (see the module docstring). Example::
 
         agree(store, rank=0, world_size=4, digest=d, summary="ep[ep=2]", facts={"seq": "3"},
-              grouped={"held/0": ("0", "5")}).distinct_pairs("held/0")
+              grouped={"salt/0": ("0", "5")}).distinct_pairs("salt/0")
     """
     if world_size < 1 or not 0 <= rank < world_size:
         raise GroupCreationError(f"rank {rank} is outside a world of {world_size} ranks")

@@ -19,6 +19,7 @@ Example::
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Iterator, List, Optional, Sequence, Tuple, Union, overload
 
@@ -69,9 +70,10 @@ def _canonical(dims: Any) -> Dims:
 class GroupView(Sequence[int]):
     """One group of ranks, ``start + Σ i_k·step_k`` (``0 <= i_k < count_k``), ascending.
 
-    A read-only sequence like ``range``: ``len``, indexing (negative too), ``in``,
-    ``index`` and iteration work without listing the group; :meth:`first` lists the
-    first members. ``dims`` is kept canonical (no one-member dimensions, contiguous
+    A read-only sequence like ``range``: :attr:`size`, indexing (negative too), ``in``,
+    ``index``, iteration and ``reversed`` work without listing the group; :meth:`first`
+    lists the first members. ``len`` answers up to ``sys.maxsize`` members (Python's limit;
+    past it, read ``size``). ``dims`` is kept canonical (no one-member dimensions, contiguous
     ones merged), so two views are equal iff they hold the same ranks.
 
     Example: ``GroupView(1, ((4, 2),))`` holds ranks 1, 3, 5, 7; its ``stride`` is 2.
@@ -91,11 +93,29 @@ class GroupView(Sequence[int]):
 
     @property
     def size(self) -> int:
-        """Number of members (a Python int: also past ``sys.maxsize``, where ``len`` fails)."""
+        """Number of members, a Python int of any size: what the library reads, never ``len``."""
         return math.prod(count for count, _ in self.dims)
 
     def __len__(self) -> int:
-        return self.size
+        """``len(view)`` for callers' convenience. Python's ``len`` cannot exceed ``sys.maxsize``
+        (2**63 - 1), so a larger group raises LayoutError pointing at :attr:`size`; the library
+        itself never calls it (``tests/test_planner_bounded.py`` trips on any call)."""
+        size = self.size
+        if size > sys.maxsize:
+            raise LayoutError(
+                f"a group of {size} ranks is larger than len() can count (at most sys.maxsize = "
+                f"{sys.maxsize}); read view.size instead (and view.first(n) for its first members)"
+            )
+        return size
+
+    def __bool__(self) -> bool:
+        """Always true: a group holds at least its first rank (and truth never asks ``len``)."""
+        return True
+
+    def __reversed__(self) -> Iterator[int]:
+        """Members from the last down, without ``len`` (``Sequence``'s own asks it)."""
+        for position in range(self.size - 1, -1, -1):
+            yield self._member(position)
 
     @property
     def last(self) -> int:

@@ -274,10 +274,25 @@ def collection_groups(
         embd, pos = _embedding_groups(bridge)
         out.setdefault("embd", embd)
         out.setdefault("pos_embd", pos)
+    held = getattr(reader.mpu, "all_gather_groups", {}) if reader is not None else {}
     for field in ALL_GATHER_FIELDS:
-        if field in needs:  # last: their own communicators, created only when asked for
-            out[field] = _all_gather_group(bridge, field) if all_gather else None
+        if field in needs:  # last: their own communicators, created only when asked for (or a collection's own)
+            own = held.get(field)
+            if own is not None:
+                _check_held(bridge, field, own)
+            out[field] = own or (_all_gather_group(bridge, field) if all_gather else None)
     return {field: out[field] for field in wanted}
+
+
+def _check_held(bridge: "Bridge", field: str, group: Any) -> None:
+    """MpuError unless a collection's own ``field`` group holds the layout's ranks."""
+    want = bridge.layout.group_of(FIELD_KINDS[field], bridge.rank)
+    have = _ranks(group)
+    if have != want:
+        raise MpuError(
+            f"rank {bridge.rank}: the collection's {field} holds ranks {have}, but its layout "
+            f"({partitions.layout_signature(bridge.layout)}) says {want}; its groups and sizes disagree"
+        )
 
 
 def _all_gather_group(bridge: "Bridge", field: str) -> Any:

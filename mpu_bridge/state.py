@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Tuple
 
 import torch.distributed as dist
 
 from . import _torch, partitions
+from .collection_mpu import CollectionMpu, is_collection
 from .errors import BridgeError, LayoutError, MpuError
 from .kinds import KIND_BY_DIM, KINDS, kind_named
 from .layout import DEFAULT_ORDER, Layout, plan
@@ -177,6 +179,8 @@ def read_state(
         from .mesh import MeshMpu  # imported only for a mesh
 
         mpu = MeshMpu(mpu)
+    elif is_collection(mpu):
+        mpu = CollectionMpu(mpu)
     if mpu is None:
         layout = plan(world_size, order=order or DEFAULT_ORDER, **dict(sizes or {}))
         registry = GroupRegistry(**registry_options)
@@ -199,6 +203,11 @@ def read_state(
             reader.check_against_world(world_size, rank)
             layout = _layout_from_mpu(reader, world_size, rank, order)
             borrowed = _borrow(reader, registry, world_size, rank)
+    except MpuError as exc:
+        registry.close()
+        if isinstance(mpu, CollectionMpu):
+            raise _collection_error(exc) from None
+        raise
     except BaseException:
         registry.close()
         raise
@@ -209,6 +218,17 @@ def read_state(
         reader.flavour, c.tp, c.pp, c.dp, c.cp, c.order,
     )
     return State(layout, reader, registry, borrowed, sentinel)
+
+
+def _collection_error(exc: MpuError) -> MpuError:
+    """``exc`` about a ProcessGroupCollection, with the fields behind the dims it names."""
+    text = str(exc)
+    named = [k for k in KIND_BY_DIM.values() if k.pg_field and re.search(rf"\b{re.escape(k.dim)}\b", text)]
+    legend = ", ".join(f"{k.dim} = field {k.pg_field!r}" for k in named)
+    return MpuError(
+        f"the ProcessGroupCollection's groups do not form one Megatron layout: {text}"
+        + (f" ({legend})" if legend else "")
+    )
 
 
 def _layout_from_mpu(reader: MpuReader, world_size: int, rank: int, given: Optional[str]) -> Layout:
@@ -247,7 +267,8 @@ def _mismatching_dims(reader: MpuReader, layout: Layout, rank: int) -> List[str]
         theirs = sorted(reader.group_ranks(dim))
         ours = layout.group_of(kind.name, rank)
         if theirs != ours:
-            wrong.append(f"{dim} group {theirs} != {ours}")
+            what = f"field {kind.pg_field!r} ({dim})" if reader.flavour == "pg-collection" and kind.pg_field else dim
+            wrong.append(f"{what} group {theirs} != {ours}")
     return wrong
 
 

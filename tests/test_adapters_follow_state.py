@@ -50,8 +50,25 @@ SEQUENCE_NAMES = sorted(
 )
 
 # ---------------------------------------------------------------------------------------
-# Inside the rank processes (module level: run_ranks pickles functions by reference)
+# The world: every part in sequence on 4 ranks (rank functions at module level: run_ranks
+# pickles them by reference)
 # ---------------------------------------------------------------------------------------
+
+
+def _world(rank: int, world_size: int) -> Dict[str, Dict[str, Any]]:
+    deepspeed = start_deepspeed()
+    parts = (
+        ("surface", _surface_part),
+        ("cp2", _cp2_part),
+        ("install", _install_part),
+        ("groups_module", _groups_module_part),
+    )
+    return run_parts(parts, deepspeed, rank, world_size)
+
+
+@pytest.fixture(scope="module")
+def world() -> List[Dict[str, Any]]:
+    return run_ranks(_world, WORLD_SIZE, timeout=WORLD_TIMEOUT_S, env=DEEPSPEED_RANK_ENV)
 
 
 def _ranks(group: Any) -> List[int]:
@@ -87,7 +104,9 @@ def _sequence_names(legacy: Any) -> List[str]:
     return [name for name in SEQUENCE_NAMES if hasattr(legacy, name)]
 
 
-# -- surface ------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------
+# The legacy MPU's surface is the current state's
+# ---------------------------------------------------------------------------------------
 
 
 def _surface_part(deepspeed: Any, rank: int, world_size: int) -> Dict[str, Any]:
@@ -138,7 +157,62 @@ def _surface_part(deepspeed: Any, rank: int, world_size: int) -> Dict[str, Any]:
     return report
 
 
-# -- cp2: one ZeRO-1 step -----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def surface(world: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    return part_reports(world, "surface")
+
+
+def test_a_standalone_layout_with_context_parallelism_offers_the_sequence_getters(surface):
+    for report in surface:
+        assert report["standalone_cp2_sequence_names"] == SEQUENCE_NAMES
+        assert report["standalone_cp2_in_dir"] == SEQUENCE_NAMES
+
+
+def test_a_standalone_layout_offers_the_same_names_as_megatron_core_with_the_same_sizes(surface):
+    for report in surface:
+        assert report["standalone_cp2_names"] == report["megatron_cp2_names"]
+
+
+def test_a_standalone_layouts_sequence_getters_are_its_context_and_data_context_groups(surface):
+    # tp 1, cp 2 on 4 ranks: CP [0, 1] [2, 3]; data x context parallel = the world.
+    assert [r["standalone_cp2_sequence_ranks"] for r in surface] == [
+        {"value": ranks} for ranks in ([0, 1], [0, 1], [2, 3], [2, 3])
+    ]
+    assert [r["standalone_cp2_sequence_data_ranks"] for r in surface] == [{"value": [0, 1, 2, 3]}] * WORLD_SIZE
+
+
+def test_without_context_parallelism_the_sequence_getters_are_absent(surface):
+    for report in surface:
+        assert report["standalone_cp1_sequence_names"] == []
+        assert report["made_at_cp1"] == []
+
+
+def test_a_standalone_layout_invents_no_other_names(surface):
+    for report in surface:
+        assert report["standalone_cp2_unknown"]["error"] == "AttributeError"
+        assert "get_no_such_thing" in report["standalone_cp2_unknown"]["message"]
+        assert report["standalone_cp2_ulysses"] is False
+
+
+def test_an_adapter_made_before_reinitialising_with_cp2_offers_the_sequence_getters(surface):
+    for report in surface:
+        assert report["after_reinit_cp2"] == SEQUENCE_NAMES
+        assert report["after_reinit_cp2_in_dir"] == SEQUENCE_NAMES
+        assert report["after_reinit_cp2_sizes"] == {"value": [CP, WORLD_SIZE]}
+
+
+def test_an_adapter_made_at_cp2_loses_the_sequence_getters_when_the_mpu_goes_back_to_cp1(surface):
+    for report in surface:
+        assert report["made_at_cp2"] == SEQUENCE_NAMES
+        assert report["after_reinit_cp1"] == []
+        outcome = report["after_reinit_cp1_message"]
+        assert outcome["error"] == "AttributeError"
+        assert "now cp=1" in outcome["message"]
+
+
+# ---------------------------------------------------------------------------------------
+# DeepSpeed trains context parallelism alike over every legacy MPU
+# ---------------------------------------------------------------------------------------
 
 
 def _initial_weight() -> Any:
@@ -210,7 +284,84 @@ def _cp2_part(deepspeed: Any, rank: int, world_size: int) -> Dict[str, Any]:
     return report
 
 
-# -- install ------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def cp2(world: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    return part_reports(world, "cp2")
+
+
+def test_megatron_core_context_parallel_peers_train_alike(cp2):
+    # The reference: over megatron-core, ZeRO shards and reduces over data x context parallel.
+    assert [r["cp_ranks"] for r in cp2] == [[0, 1], [0, 1], [2, 3], [2, 3]]
+    for report in cp2:
+        assert report["megatron"]["zero_ranks"] == [0, 1, 2, 3]
+        assert report["megatron"]["weight"] == cp2[0]["megatron"]["weight"]
+
+
+def test_a_standalone_cp2_layout_reduces_over_data_and_context_parallel_ranks(cp2):
+    for report in cp2:
+        assert report["standalone"]["zero_ranks"] == [0, 1, 2, 3]
+        assert report["standalone"]["sequence_parallel_size"] == CP
+
+
+def test_a_standalone_cp2_layouts_context_parallel_peers_train_alike(cp2):
+    # CP peers [0, 1] and [2, 3] must end with the same weights (every rank does: dp x cp = world).
+    for report in cp2:
+        assert report["standalone"]["weight"] == cp2[0]["standalone"]["weight"]
+
+
+def test_a_standalone_cp2_layout_trains_like_megatron_core(cp2):
+    import torch
+
+    for report in cp2:
+        torch.testing.assert_close(
+            torch.tensor(report["standalone"]["weight"]), torch.tensor(report["megatron"]["weight"])
+        )
+
+
+def test_an_adapter_made_before_reinitialising_with_cp2_trains_like_megatron_core(cp2):
+    import torch
+
+    for report in cp2:
+        assert report["made_before_reinit"]["zero_ranks"] == [0, 1, 2, 3]
+        torch.testing.assert_close(
+            torch.tensor(report["made_before_reinit"]["weight"]), torch.tensor(report["megatron"]["weight"])
+        )
+
+
+# ---------------------------------------------------------------------------------------
+# What the bridge installed into DeepSpeed follows its rebuilds
+# ---------------------------------------------------------------------------------------
+
+
+def _install_part(deepspeed: Any, rank: int, world_size: int) -> Dict[str, Any]:
+    ps = megatron_parallel_state()
+    scenarios = (
+        ("reinstall", _reinstall_after_reinit),
+        ("uninstall", _uninstall_after_reinit),
+        ("other_sizes", _reinstall_with_other_sizes),
+        ("another_bridge", _another_bridges_groups),
+        ("hpz", _hpz_after_reinit),
+    )
+    report: Dict[str, Any] = {}
+    for name, scenario in scenarios:
+        try:
+            report[name] = scenario(ps)
+        except Exception as exc:  # one scenario's failure is its own test's, not the others'
+            report[name] = {"raised": f"{type(exc).__name__}: {exc}"}
+            _forget_everything(ps)
+    return report
+
+
+@pytest.fixture(scope="module")
+def install(world: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    return part_reports(world, "install")
+
+
+def _scenario(install: List[Dict[str, Any]], name: str) -> List[Dict[str, Any]]:
+    for rank, report in enumerate(install):
+        if "raised" in report[name]:
+            pytest.fail(f"the {name} scenario raised on rank {rank}: {report[name]['raised']}", pytrace=False)
+    return [report[name] for report in install]
 
 
 def _deepspeed_tables(name: str = "ep_size_2") -> Dict[str, Any]:
@@ -266,6 +417,16 @@ def _reinstall_after_reinit(ps: Any) -> Dict[str, Any]:
     return report
 
 
+def test_install_expert_groups_again_after_reinitialising_installs_the_rebuilt_groups(install):
+    reports = _scenario(install, "reinstall")
+    for report in reports:
+        assert report["error"] is None
+        assert report["deepspeed_holds_rebuilt_groups"]
+        assert report["tables"]["ep_ranks"] == report["bridge_ep_ranks"]
+    # tp 2, ep 2 on 4 ranks (E+M+D): EP [0, 2] [1, 3]; DeepSpeed's group is live and right.
+    assert [r["sum_over_deepspeeds_group"] for r in reports] == [2, 4, 2, 4]
+
+
 def _uninstall_after_reinit(ps: Any) -> Dict[str, Any]:
     """install, re-initialise megatron-core, uninstall without installing again."""
     import mpu_bridge
@@ -275,11 +436,16 @@ def _uninstall_after_reinit(ps: Any) -> Dict[str, Any]:
     bridge = mpu_bridge.attach(ps)
     install_expert_groups(bridge, 2)
     _reinitialize(ps, tp=2)
-    bridge.data_parallel()  # the bridge notices the re-initialisation and rebuilds
     report = {"removed": uninstall_expert_groups(bridge), "tables": _deepspeed_tables()}
     bridge.close()
     _forget_everything(ps)
     return report
+
+
+def test_uninstall_expert_groups_after_reinitialising_removes_what_was_installed(install):
+    for report in _scenario(install, "uninstall"):
+        assert report["removed"] == ["ep_size_2"]
+        assert report["tables"]["names"] == []
 
 
 def _reinstall_with_other_sizes(ps: Any) -> Dict[str, Any]:
@@ -294,11 +460,26 @@ def _reinstall_with_other_sizes(ps: Any) -> Dict[str, Any]:
     _reinitialize(ps, tp=1)
     report["error"] = _outcome(lambda: install_expert_groups(bridge, 2)).get("message")
     report["after"] = _deepspeed_tables()
-    report["removed"] = uninstall_expert_groups(bridge)
-    report["left"] = _deepspeed_tables()
+    uninstall_expert_groups(bridge)
     bridge.close()
     _forget_everything(ps)
     return report
+
+
+def test_reinstalled_expert_groups_follow_the_new_layout(install):
+    reports = _scenario(install, "other_sizes")
+    # Before: tp 2, so E+M+D. After: tp 1, so E+D.
+    assert [r["before"]["ep_ranks"] for r in reports] == [[0, 2], [1, 3], [0, 2], [1, 3]]
+    for report in reports:
+        assert report["error"] is None
+    assert [r["after"]["ep_ranks"] for r in reports] == [[0, 1], [0, 1], [2, 3], [2, 3]]
+    assert [r["after"]["edp_ranks"] for r in reports] == [[0, 2], [1, 3], [0, 2], [1, 3]]
+
+
+def test_reinstalled_expert_groups_give_deepspeed_the_new_expert_tensor_parallel_size(install):
+    reports = _scenario(install, "other_sizes")
+    assert [r["before"]["etp"] for r in reports] == [2] * WORLD_SIZE
+    assert [r["after"]["etp"] for r in reports] == [1] * WORLD_SIZE  # DeepSpeed's own value, restored
 
 
 def _another_bridges_groups(ps: Any) -> Dict[str, Any]:
@@ -319,6 +500,15 @@ def _another_bridges_groups(ps: Any) -> Dict[str, Any]:
     return report
 
 
+def test_another_bridges_expert_groups_are_refused_naming_uninstall(install):
+    for report in _scenario(install, "another_bridge"):
+        refused = report["refused"]
+        assert refused["error"] == "BridgeError"
+        assert "installed for another bridge" in refused["message"]
+        assert "call uninstall_expert_groups" in refused["message"]
+        assert report["after_uninstall"]
+
+
 def _hpz_after_reinit(ps: Any) -> Dict[str, Any]:
     from deepspeed.utils import groups as ds_groups
 
@@ -335,34 +525,32 @@ def _hpz_after_reinit(ps: Any) -> Dict[str, Any]:
         held = ds_groups._ZERO_PARAM_INTRA_PARALLEL_GROUP
         report["deepspeed_holds_rebuilt_group"] = held is again["value"].group
         report["sum_over_deepspeeds_group"] = _sum_of_ranks(held)
-    removed = uninstall_hpz_group(bridge)
-    report["uninstalled"] = list(removed.ranks) if removed is not None else None
-    report["left"] = ds_groups._ZERO_PARAM_INTRA_PARALLEL_GROUP is not None
+        removed = uninstall_hpz_group(bridge)
+        report["uninstalled"] = list(removed.ranks) if removed is not None else None
+        report["left"] = ds_groups._ZERO_PARAM_INTRA_PARALLEL_GROUP is not None
     bridge.close()
     _forget_everything(ps)
     return report
 
 
-def _install_part(deepspeed: Any, rank: int, world_size: int) -> Dict[str, Any]:
-    ps = megatron_parallel_state()
-    scenarios = (
-        ("reinstall", _reinstall_after_reinit),
-        ("uninstall", _uninstall_after_reinit),
-        ("other_sizes", _reinstall_with_other_sizes),
-        ("another_bridge", _another_bridges_groups),
-        ("hpz", _hpz_after_reinit),
-    )
-    report: Dict[str, Any] = {}
-    for name, scenario in scenarios:
-        try:
-            report[name] = scenario(ps)
-        except Exception as exc:  # one scenario's failure is its own test's, not the others'
-            report[name] = {"raised": f"{type(exc).__name__}: {exc}"}
-            _forget_everything(ps)
-    return report
+def test_install_hpz_group_again_after_reinitialising_installs_the_rebuilt_group(install):
+    reports = _scenario(install, "hpz")
+    for report in reports:
+        assert report["error"] is None
+        assert report["deepspeed_holds_rebuilt_group"]
+    # tp 2 on 4 ranks: DP [0, 2] [1, 3], hpZ 2 = the DP group; DeepSpeed's group is live and right.
+    assert [r["sum_over_deepspeeds_group"] for r in reports] == [2, 4, 2, 4]
 
 
-# -- deepspeed_groups ---------------------------------------------------------------------
+def test_uninstall_hpz_group_removes_the_reinstalled_group(install):
+    reports = _scenario(install, "hpz")
+    assert [r.get("uninstalled") for r in reports] == [[0, 2], [1, 3], [0, 2], [1, 3]]
+    assert [r.get("left") for r in reports] == [False] * WORLD_SIZE
+
+
+# ---------------------------------------------------------------------------------------
+# mpu_bridge.deepspeed_groups answers from the current state
+# ---------------------------------------------------------------------------------------
 
 
 def _groups_module_part(deepspeed: Any, rank: int, world_size: int) -> Dict[str, Any]:
@@ -387,210 +575,9 @@ def _groups_module_part(deepspeed: Any, rank: int, world_size: int) -> Dict[str,
     return report
 
 
-def _world(rank: int, world_size: int) -> Dict[str, Dict[str, Any]]:
-    deepspeed = start_deepspeed()
-    parts = (
-        ("surface", _surface_part),
-        ("cp2", _cp2_part),
-        ("install", _install_part),
-        ("groups_module", _groups_module_part),
-    )
-    return run_parts(parts, deepspeed, rank, world_size)
-
-
-# ---------------------------------------------------------------------------------------
-# Fixtures: one world, shared by the tests that read it
-# ---------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def world() -> List[Dict[str, Any]]:
-    return run_ranks(_world, WORLD_SIZE, timeout=WORLD_TIMEOUT_S, env=DEEPSPEED_RANK_ENV)
-
-
-@pytest.fixture(scope="module")
-def surface(world: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
-    return part_reports(world, "surface")
-
-
-@pytest.fixture(scope="module")
-def cp2(world: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
-    return part_reports(world, "cp2")
-
-
-@pytest.fixture(scope="module")
-def install(world: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
-    return part_reports(world, "install")
-
-
 @pytest.fixture(scope="module")
 def groups_module(world: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     return part_reports(world, "groups_module")
-
-
-def _scenario(install: List[Dict[str, Any]], name: str) -> List[Dict[str, Any]]:
-    for rank, report in enumerate(install):
-        if "raised" in report[name]:
-            pytest.fail(f"the {name} scenario raised on rank {rank}: {report[name]['raised']}", pytrace=False)
-    return [report[name] for report in install]
-
-
-# ---------------------------------------------------------------------------------------
-# The legacy MPU's surface is the current state's
-# ---------------------------------------------------------------------------------------
-
-
-def test_a_standalone_layout_with_context_parallelism_offers_the_sequence_getters(surface):
-    for report in surface:
-        assert report["standalone_cp2_sequence_names"] == SEQUENCE_NAMES
-        assert report["standalone_cp2_in_dir"] == SEQUENCE_NAMES
-
-
-def test_a_standalone_layout_offers_the_same_names_as_megatron_core_with_the_same_sizes(surface):
-    for report in surface:
-        assert report["standalone_cp2_names"] == report["megatron_cp2_names"]
-
-
-def test_a_standalone_layouts_sequence_getters_are_its_context_and_data_context_groups(surface):
-    # tp 1, cp 2 on 4 ranks: CP [0, 1] [2, 3]; data x context parallel = the world.
-    assert [r["standalone_cp2_sequence_ranks"] for r in surface] == [
-        {"value": ranks} for ranks in ([0, 1], [0, 1], [2, 3], [2, 3])
-    ]
-    assert [r["standalone_cp2_sequence_data_ranks"] for r in surface] == [{"value": [0, 1, 2, 3]}] * WORLD_SIZE
-
-
-def test_without_context_parallelism_the_sequence_getters_are_absent(surface):
-    for report in surface:
-        assert report["standalone_cp1_sequence_names"] == []
-        assert report["made_at_cp1"] == []
-
-
-def test_a_standalone_layout_invents_no_other_names(surface):
-    for report in surface:
-        assert report["standalone_cp2_unknown"]["error"] == "AttributeError"
-        assert "get_no_such_thing" in report["standalone_cp2_unknown"]["message"]
-        assert report["standalone_cp2_ulysses"] is False
-
-
-def test_an_adapter_made_before_reinitialising_with_cp2_offers_the_sequence_getters(surface):
-    for report in surface:
-        assert report["after_reinit_cp2"] == SEQUENCE_NAMES
-        assert report["after_reinit_cp2_in_dir"] == SEQUENCE_NAMES
-        assert report["after_reinit_cp2_sizes"] == {"value": [CP, WORLD_SIZE]}
-
-
-def test_an_adapter_made_at_cp2_loses_the_sequence_getters_when_the_mpu_goes_back_to_cp1(surface):
-    for report in surface:
-        assert report["made_at_cp2"] == SEQUENCE_NAMES
-        assert report["after_reinit_cp1"] == []
-        outcome = report["after_reinit_cp1_message"]
-        assert outcome["error"] == "AttributeError"
-        assert "now cp=1" in outcome["message"]
-
-
-# ---------------------------------------------------------------------------------------
-# DeepSpeed trains context parallelism alike over every legacy MPU
-# ---------------------------------------------------------------------------------------
-
-
-def test_megatron_core_context_parallel_peers_train_alike(cp2):
-    # The reference: over megatron-core, ZeRO shards and reduces over data x context parallel.
-    assert [r["cp_ranks"] for r in cp2] == [[0, 1], [0, 1], [2, 3], [2, 3]]
-    for report in cp2:
-        assert report["megatron"]["zero_ranks"] == [0, 1, 2, 3]
-        assert report["megatron"]["weight"] == cp2[0]["megatron"]["weight"]
-
-
-def test_a_standalone_cp2_layout_reduces_over_data_and_context_parallel_ranks(cp2):
-    for report in cp2:
-        assert report["standalone"]["zero_ranks"] == [0, 1, 2, 3]
-        assert report["standalone"]["sequence_parallel_size"] == CP
-
-
-def test_a_standalone_cp2_layouts_context_parallel_peers_train_alike(cp2):
-    # CP peers [0, 1] and [2, 3] must end with the same weights (every rank does: dp x cp = world).
-    for report in cp2:
-        assert report["standalone"]["weight"] == cp2[0]["standalone"]["weight"]
-
-
-def test_a_standalone_cp2_layout_trains_like_megatron_core(cp2):
-    import torch
-
-    for report in cp2:
-        torch.testing.assert_close(
-            torch.tensor(report["standalone"]["weight"]), torch.tensor(report["megatron"]["weight"])
-        )
-
-
-def test_an_adapter_made_before_reinitialising_with_cp2_trains_like_megatron_core(cp2):
-    import torch
-
-    for report in cp2:
-        assert report["made_before_reinit"]["zero_ranks"] == [0, 1, 2, 3]
-        torch.testing.assert_close(
-            torch.tensor(report["made_before_reinit"]["weight"]), torch.tensor(report["megatron"]["weight"])
-        )
-
-
-# ---------------------------------------------------------------------------------------
-# What the bridge installed into DeepSpeed follows its rebuilds
-# ---------------------------------------------------------------------------------------
-
-
-def test_install_expert_groups_again_after_reinitialising_installs_the_rebuilt_groups(install):
-    reports = _scenario(install, "reinstall")
-    for report in reports:
-        assert report["error"] is None
-        assert report["deepspeed_holds_rebuilt_groups"]
-        assert report["tables"]["ep_ranks"] == report["bridge_ep_ranks"]
-    # tp 2, ep 2 on 4 ranks (E+M+D): EP [0, 2] [1, 3]; DeepSpeed's group is live and right.
-    assert [r["sum_over_deepspeeds_group"] for r in reports] == [2, 4, 2, 4]
-
-
-def test_uninstall_expert_groups_after_reinitialising_removes_what_was_installed(install):
-    for report in _scenario(install, "uninstall"):
-        assert report["removed"] == ["ep_size_2"]
-        assert report["tables"]["names"] == []
-
-
-def test_reinstalled_expert_groups_follow_the_new_sizes_ranks_and_expert_tp(install):
-    reports = _scenario(install, "other_sizes")
-    # Before: tp 2 (E+M+D, expert-TP 2). After: tp 1 (E+D), expert-TP back to DeepSpeed's 1.
-    assert [r["before"]["ep_ranks"] for r in reports] == [[0, 2], [1, 3], [0, 2], [1, 3]]
-    assert {r["before"]["etp"] for r in reports} == {2}
-    for report in reports:
-        assert report["error"] is None
-    assert [r["after"]["ep_ranks"] for r in reports] == [[0, 1], [0, 1], [2, 3], [2, 3]]
-    assert [r["after"]["edp_ranks"] for r in reports] == [[0, 2], [1, 3], [0, 2], [1, 3]]
-    assert {r["after"]["etp"] for r in reports} == {1}
-    for report in reports:
-        assert report["removed"] == ["ep_size_2"]
-        assert report["left"]["names"] == []
-
-
-def test_another_bridges_expert_groups_are_refused_naming_uninstall(install):
-    for report in _scenario(install, "another_bridge"):
-        refused = report["refused"]
-        assert refused["error"] == "BridgeError"
-        assert "installed for another bridge" in refused["message"]
-        assert "call uninstall_expert_groups" in refused["message"]
-        assert report["after_uninstall"]
-
-
-def test_install_hpz_group_again_after_reinitialising_installs_the_rebuilt_group(install):
-    reports = _scenario(install, "hpz")
-    for report in reports:
-        assert report["error"] is None
-        assert report["deepspeed_holds_rebuilt_group"]
-        assert report["left"] is False
-    # tp 2 on 4 ranks: DP [0, 2] [1, 3], hpZ 2 = the DP group.
-    assert [r["uninstalled"] for r in reports] == [[0, 2], [1, 3], [0, 2], [1, 3]]
-    assert [r["sum_over_deepspeeds_group"] for r in reports] == [2, 4, 2, 4]
-
-
-# ---------------------------------------------------------------------------------------
-# mpu_bridge.deepspeed_groups answers from the current state
-# ---------------------------------------------------------------------------------------
 
 
 def test_hpz_groups_of_the_groups_module_are_not_initialised_after_reinitialising(groups_module):

@@ -425,3 +425,24 @@ def test_budget_stays_torch_free() -> None:
         "mpu_bridge.budget.budget(plan(8)); assert 'torch' not in sys.modules and 'megatron' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# -- past sys.maxsize ranks ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("world", [2**63, 2**64 + 64, 10**38 + 56])
+@pytest.mark.parametrize("line", MEGATRON_LINES)
+def test_budget_past_sys_maxsize_ranks_scales_the_small_world(world: int, line: str) -> None:
+    # was: budget(plan(2**63, tp=8)) raised OverflowError (len() of a view past sys.maxsize).
+    # Per rank nothing depends on the world size once dp > 1: the counts equal 64 ranks'.
+    big, small = budget(plan(world, tp=8), megatron=line), budget(plan(64, tp=8), megatron=line)
+    for side in ("megatron", "bridge"):
+        ours, theirs = dict(big["per_rank"][side]), dict(small["per_rank"][side])
+        ours.pop("fields", None), theirs.pop("fields", None)
+        assert ours == theirs, side
+    assert big["max_per_rank"] == small["max_per_rank"]
+    assert big["world"]["bridge_partitions"] == small["world"]["bridge_partitions"]
+    assert big["world"]["bridge_split_group"] == world * big["world"]["bridge_partitions"]
+    fields = big["per_rank"]["bridge"]["fields"]
+    assert fields["tp"] == 8 and fields["dp"] == world // 8 and fields["pp"] == 1
+    assert budget(plan(world, tp=8), world - 1, megatron=line)["per_rank"]["bridge"]["fields"]["dp"] == world // 8

@@ -391,3 +391,78 @@ def test_plan_json_at_2_62_ranks_parses_and_marks_what_is_cut():
     assert dp["node_count"] == dp["size"] and dp["nodes_truncated"] is True  # stride 8: a node each
     assert data["derived"]["a2a-global"]["members_truncated"] is True
 
+
+
+# -- past sys.maxsize: views are read by size, never by len() -----------------------------------
+
+#: A group of 2**63 ranks: one more than Python's len() can count.
+PAST_MAXSIZE = GroupView(5, ((2**62, 1), (2, 2**62)))
+
+
+def test_a_view_past_sys_maxsize_has_a_size_a_truth_and_a_reverse():
+    view = PAST_MAXSIZE
+    assert view.size == 2**63 == sys.maxsize + 1
+    assert bool(view) is True  # truth must not ask len()
+    assert list(zip(reversed(view), range(2))) == [(view.last, 0), (view.last - 1, 1)]
+    assert view[-1] == view.last and view.index(view.last) == 2**63 - 1
+
+
+def test_len_of_a_view_past_sys_maxsize_says_to_read_size():
+    with pytest.raises(LayoutError, match=r"a group of 9223372036854775808 ranks is larger than len\(\) can "
+                       r"count \(at most sys.maxsize = 9223372036854775807\); read view.size"):
+        len(PAST_MAXSIZE)
+    assert len(GroupView(0, ((sys.maxsize, 1),))) == sys.maxsize  # up to the limit it answers
+
+
+#: Planner invocations of every format and option that reads views (small worlds: quick).
+_PLANNER_ARGS = [
+    ["--tp", "2", "--pp", "2", "--ep", "2"],
+    ["--tp", "2", "--pp", "4", "--ep", "2", "--budget", "--all-gather"],
+    ["--tp", "2", "--pp", "3", "--cp", "2", "--budget", "--format", "json", "--rank", "7", "--megatron", "0.16"],
+    ["--tp", "2", "--gtp-remat", "2", "--ep", "2", "--expert-gtp-remat", "2", "--budget", "--megatron", "0.19",
+     "--all-gather", "--format", "json"],
+    ["--tp", "2", "--pp", "2", "--gpus-per-node", "4", "--hpz", "2", "--rank", "5"],
+    ["--tp", "2", "--pp", "2", "--gpus-per-node", "4", "--hpz", "3", "--format", "json", "--max-groups", "all"],
+    ["--tp", "2", "--ep", "2", "--gpus-per-node", "8", "--format", "svg", "--rank", "3", "--color-by", "dp"],
+    ["--pp", "2", "--format", "svg"],
+]
+
+
+@pytest.mark.parametrize("extra", _PLANNER_ARGS)
+def test_the_planner_never_calls_len_on_a_view(monkeypatch, capsys, extra):
+    # len() of a view fails past sys.maxsize (2**63 - 1 ranks), so the planner reads .size; this
+    # trips on any len() (or truth test through len()) of a view, at any size
+    from mpu_bridge.cli import main
+
+    def tripwire(view: GroupView) -> int:
+        raise AssertionError(f"len() of a view {view!r}: read view.size")
+
+    monkeypatch.setattr(GroupView, "__len__", tripwire)
+    assert main(["plan", "--world-size", "48", *extra]) == 0, capsys.readouterr().err
+    layout = plan(48, tp=2, pp=2, ep=2, gpus_per_node=4)
+    layout.to_dict(max_groups=2, max_members=3)
+    from mpu_bridge.budget import budget
+
+    for megatron in ("0.16", "0.19"):
+        budget(layout, 5, megatron=megatron, all_gather=True, hierarchical_cp=())
+
+
+#: World sizes past sys.maxsize: 2**63 (the first), 2**64 + a multiple of 64, 10**38.
+PAST_MAXSIZE_WORLDS = [2**63, 2**64 + 64 * 3, 10**38]
+
+
+@pytest.mark.parametrize("world", PAST_MAXSIZE_WORLDS)
+@pytest.mark.parametrize("extra", [
+    ["--tp", "8"],
+    ["--tp", "8", "--budget"],  # pp 1: tp-dp-cp spans the whole world, past sys.maxsize
+    ["--tp", "8", "--pp", "2", "--budget", "--format", "json", "--rank", "12345"],
+    ["--tp", "8", "--pp", "2", "--budget", "--all-gather", "--megatron", "0.19", "--gpus-per-node", "8"],
+])
+def test_plan_past_sys_maxsize_ranks_answers_with_and_without_budget(world, extra):
+    # was: `plan --budget` at 2**63 ranks, tp 8: OverflowError from len() of a view, exit 1
+    report = _measure(["plan", "--world-size", str(world), *extra])
+    assert report["status"] == 0, report["err"]
+    assert report["err"] == ""
+    assert report["maxrss_kb"] < 150 * 1024, report
+    if "--budget" in extra and "json" not in extra:
+        assert "megatron-core groups on rank" in report["tail"]

@@ -28,6 +28,7 @@ from hypothesis import strategies as st
 from torch.distributed import distributed_c10d as c10d
 
 from _multiproc import run_ranks
+from mpu_bridge import partitions
 from mpu_bridge.errors import BridgeError, GroupCreationError, LayoutError, PlanMismatchError
 from mpu_bridge.layout import KINDS, plan
 from mpu_bridge.optional import is_available
@@ -75,9 +76,9 @@ def _attempt(fn: Any) -> tuple:
         return (type(exc).__name__, str(exc))
 
 
-def _pair01(rank: int) -> Partition:
-    """A partition that does not cover the world: one group, ranks 0 and 1."""
-    return Partition("pair01", 2, 1, (0, 1) if rank < 2 else None, lambda: [[0, 1]])
+def _pair12(rank: int) -> Partition:
+    """A partition that does not cover the world: one group, ranks 1 and 2 (no tp or dp group)."""
+    return Partition("pair12", 2, 1, (1, 2) if rank in (1, 2) else None, lambda: [[1, 2]])
 
 
 def _whole_world(rank: int, world: int, key: str = "world") -> Partition:
@@ -124,8 +125,8 @@ def _creation_world(rank: int, world: int) -> Dict[str, Any]:
     obs["threads_created"] = registry.created - obs["again_created"]
     obs["threads_sum"] = _sum_of_ranks(found[0])
 
-    # A partition that leaves ranks 2 and 3 out: members get a group, the others None.
-    (pair,) = registry.ensure([_pair01(rank)])
+    # A partition that leaves ranks 0 and 3 out: members get a group, the others None.
+    (pair,) = registry.ensure([_pair12(rank)])
     obs["pair_is_none"] = pair is None
     obs["pair_sum"] = None if pair is None else _sum_of_ranks(pair)
     obs["pair_strategy"] = registry.last_strategy
@@ -338,8 +339,8 @@ def test_the_group_threads_share_works(creation):
 
 
 def test_ranks_outside_a_partial_partition_get_none(creation):
-    assert [o["pair_is_none"] for o in creation] == [False, False, True, True]
-    assert [o["pair_sum"] for o in creation] == [1, 1, None, None]
+    assert [o["pair_is_none"] for o in creation] == [True, False, False, True]
+    assert [o["pair_sum"] for o in creation] == [None, 3, 3, None]
 
 
 def test_a_partition_that_does_not_cover_the_world_is_created_by_its_members_only_where_torch_allows(creation):
@@ -818,3 +819,18 @@ def test_without_the_check_requests_after_a_family_that_left_ranks_out_fall_back
         assert bridge.stats()["fallbacks"] == before + 1
         assert bridge.registry.last_strategy == "new_group"
         bridge.close()
+
+
+def test_without_the_check_a_rank_outside_a_family_made_earlier_does_not_enter_it_again():
+    # Asking again for a family that left this rank out: its members reuse their groups, so
+    # this rank must not enter the all-ranks loop alone (its group counter would run ahead).
+    layout = plan(16, tp=2, pp=4)
+    with fake_world(16, 5):  # stage 1 of its pipeline: in no embedding group
+        registry = GroupRegistry(strategy="new_group")
+        embedding = partitions.embedding(layout, 5)
+        assert embedding.own is None
+        with counting_new_group() as first:
+            registry.ensure([embedding])
+        with counting_new_group() as again:
+            assert registry.ensure([embedding]) == [None]
+        assert (first["all"], again) == (embedding.num_groups, {"all": 0, "local": 0})

@@ -174,6 +174,23 @@ def test_a_name_pytorch_gives_otherwise_than_predicted_ends_member_only_creation
     assert any("named a member-only group" in r.getMessage() for r in caplog.records)
 
 
+def test_a_group_counter_that_moves_otherwise_than_the_rule_says_ends_member_only_creation(monkeypatch, caplog):
+    real = c10d._process_group_name
+
+    def moves_twice(ranks: Any, use_hashed_name: bool) -> Any:
+        name = real(ranks, use_hashed_name)
+        if use_hashed_name:
+            c10d._world.group_count += 1  # one more than any known rule
+        return name
+
+    monkeypatch.setattr(c10d, "_process_group_name", moves_twice)
+    with fake_world(16, 5), caplog.at_level(logging.WARNING, logger="mpu_bridge"):
+        dist.new_group([0, 1])  # held count and counter differ: the probe is unambiguous
+        GroupRegistry().ensure([Partition.from_layout(plan(16, tp=4), "tp", 5)])
+        assert not _torch.member_only_naming().recognised
+    assert any("moved PyTorch's group counter by" in r.getMessage() for r in caplog.records)
+
+
 # -- real worlds --------------------------------------------------------------------------------------
 
 

@@ -21,6 +21,9 @@ Meaning of the ambiguous legacy names, per flavour (see ``compat/README.md``):
   ``get_sequence_data_parallel_*`` is ``sdp``.
 * ``device-mesh`` is a PyTorch ``DeviceMesh`` read through ``mpu_bridge.mesh.MeshMpu``
   (``attach(mesh)``): megatron-core's names for the dims the mesh has, detected by class.
+* ``pg-collection`` is megatron-core's ``ProcessGroupCollection`` read through
+  ``mpu_bridge.collection_mpu.CollectionMpu`` (``attach(collection)``): megatron-core's
+  group getter names for the fields it holds, detected by class.
 
 Pure data and name lookups: no torch, nothing from :mod:`mpu_bridge.mpu.reader`.
 """
@@ -34,6 +37,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
+from ..collection_mpu import CollectionMpu
 from ..errors import MpuError
 from ..kinds import KIND_BY_DIM
 
@@ -87,6 +91,7 @@ FLAVOURS: Tuple[str, ...] = (
     "deepspeed-pipe-grid",
     "deepspeed-ulysses",
     "device-mesh",
+    "pg-collection",
     "custom",
 )
 
@@ -272,6 +277,11 @@ _FLAVOUR_TABLES: Dict[str, _Table] = {
     # dims the mesh has (tp, pp, cp, dp and dp with cp; ep, expert data and expert TP when
     # the mesh names them). It has no combined or pre-0.10 names, and no record in
     # compat/surfaces (it exists only over a live mesh: see compat/README.md).
+    # A ProcessGroupCollection read through mpu_bridge.collection_mpu.CollectionMpu:
+    # megatron-core's group getters for the fields it holds (sizes come from the groups).
+    "pg-collection": _merge(
+        _TP, _PP, _DP, _CONTEXT, _DP_WITH_CP, _only(_MP, mp=("group",)), _EP, _EDP, _ETP, _COMBINED, _GTP
+    ),
     "device-mesh": _merge(
         _TP, _PP, _DP, _trio("cp", "get_context_parallel"), _DP_WITH_CP, _EP,
         _trio("edp", "get_expert_data_parallel"), _ETP,
@@ -311,14 +321,14 @@ def _aliases(flavour: str) -> Dict[str, Tuple[Alias, ...]]:
         "mp": (Alias("tp", ("pp", "==", 1)),),
         "tp-dp-cp": (Alias("tp-dp", _CP_EQ_1),),
     }
-    if flavour == "megatron-core":
+    if flavour in ("megatron-core", "pg-collection"):
         # without GTP (size 1, or a release before megatron-core 0.19) the distribution
         # groups are the replicate ones
         aliases["gtp-dp"] = (Alias("dp", ("gtp", "==", 1)),)
         aliases["gtp-dp-cp"] = (Alias("sdp", ("gtp", "==", 1)),)
         aliases["egtp-edp"] = (Alias("edp", ("egtp", "==", 1)),)
         aliases["etp-ep-egtp-pp"] = (Alias("etp-ep-pp", ("egtp", "==", 1)),)
-    if flavour in ("megatron-core", "device-mesh"):
+    if flavour in ("megatron-core", "device-mesh", "pg-collection"):
         # megatron-core < 0.10 has no expert-tensor parallelism: experts use the TP group;
         # a mesh without a flattened "etp" dim keeps experts on the TP group too.
         aliases["etp"] = (Alias("tp", ("absent", "get_expert_tensor_parallel_world_size", 0)),)
@@ -400,6 +410,8 @@ def detect_flavour(mpu: Any) -> str:
     """
     if _is_mesh_mpu(mpu):
         return "device-mesh"
+    if isinstance(mpu, CollectionMpu):
+        return "pg-collection"
     if _has(mpu, "initialize_sequence_parallel"):
         return "deepspeed-ulysses"
     if _has(mpu, "get_pipe_parallel_world_size") or _has(mpu, "get_slice_parallel_world_size"):

@@ -57,7 +57,8 @@ def _add_launch_arguments(parser: argparse.ArgumentParser) -> None:
         type=arg_seconds,
         default=DEFAULT_TIMEOUT_S,
         metavar="S",
-        help="hard limit for the whole run in seconds; ranks still running are killed "
+        help="hard limit for the whole run in seconds; ranks still running are killed (under a "
+        "launcher, rank 0 then reports, naming each rank that did not report) "
         f"(default {DEFAULT_TIMEOUT_S:g})",
     )
     launch.add_argument(
@@ -158,8 +159,9 @@ def config_from_args(args: argparse.Namespace) -> SelfCheckConfig:
 def run(args: argparse.Namespace) -> int:
     """Run the self-check for parsed arguments; returns the exit status (0 pass, 1 fail).
 
-    Under a launcher this process is one rank; otherwise it spawns ``--nproc`` ranks,
-    waits for them (never past ``--timeout``) and prints the report. Invalid options
+    Under a launcher this process is one rank (rank 0 prints the report, at ``--timeout``
+    at the latest, naming a rank that never joined); otherwise it spawns ``--nproc``
+    ranks, waits for them (never past ``--timeout``) and prints the report. Invalid options
     and missing dependencies raise :class:`~mpu_bridge.errors.BridgeError` before any
     rank starts (the command prints it and exits with status 2).
 

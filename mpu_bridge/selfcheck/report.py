@@ -19,7 +19,11 @@ from ..text import abbreviate_ranks, table
 from .config import SelfCheckConfig
 from .results import PHASES, GroupCheck, RankResult
 
-__all__ = ["format_report", "write"]
+__all__ = ["NEVER_JOINED", "format_report", "write"]
+
+#: How a missing rank's reason starts when nothing from it ever reached the run (the verdict
+#: names such ranks apart: they are the cause, the ranks left waiting for them the effect).
+NEVER_JOINED = "never joined"
 
 #: Label prefixes of the ``--exports`` rows (:func:`~mpu_bridge.selfcheck.config.export_label`).
 EXPORTS: Tuple[str, ...] = ("pg_collection.", "device_mesh.", "device_mesh[")
@@ -245,8 +249,11 @@ def _verdict(
     reasons = []
     if groups.failed_kinds:
         reasons.append("failed kinds: " + ", ".join(groups.failed_kinds))
-    if missing:
-        reasons.append(f"ranks {sorted(missing)} did not report")
+    absent = sorted(rank for rank, why in missing.items() if why.startswith(NEVER_JOINED))
+    if absent:
+        reasons.insert(0, f"ranks {absent} never joined")
+    if len(absent) < len(missing):
+        reasons.append(f"ranks {sorted(set(missing) - set(absent))} did not report")
     raised = sorted(rank for rank in results if results[rank].error is not None)
     if raised:
         reasons.append(f"ranks {raised} raised")
