@@ -58,8 +58,9 @@ def _observe(first: Any, pgc: Any) -> Dict[str, Any]:
 
 def _broken(pgc: Any) -> str:
     """A collection whose 'dp' holds the pipeline group: no Megatron layout."""
-    import mpu_bridge
     from megatron.core.process_groups_config import ProcessGroupCollection
+
+    import mpu_bridge
 
     bad = ProcessGroupCollection(tp=pgc.tp, pp=pgc.pp, dp=pgc.pp, cp=pgc.cp, mp=pgc.mp)
     try:
