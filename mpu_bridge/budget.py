@@ -453,12 +453,19 @@ def bridge_rank_sets(layout: Layout, rank: int, *, megatron: Optional[str] = Non
 
 
 def bridge_twins(layout: Layout, rank: int, *, megatron: Optional[str] = None) -> List[GroupView]:
-    """``rank``'s all-gather twins when all-gather groups are asked for: each its own communicator
-    over the same ranks as ``dp-cp`` / ``edp`` (whole world and size 1 too), never shared.
+    """``rank``'s all-gather twins when all-gather groups are asked for: communicators of
+    their own over the same ranks as ``dp-cp`` / ``edp`` (whole world and size 1 too), never
+    shared with those; the two twins share one where their ranks are equal (the registry's
+    all-gather channel holds one communicator per rank set).
 
     Example: ``len(bridge_twins(plan(8, ep=2), 0, megatron="0.19")) == 2``.
     """
-    return [layout.group_view_of(kind, rank) for kind in all_gather_kinds(layout, megatron)]
+    views: List[GroupView] = []
+    for kind in all_gather_kinds(layout, megatron):
+        view = layout.group_view_of(kind, rank)
+        if view not in views:
+            views.append(view)
+    return views
 
 
 def _needs_group(view: Optional[GroupView], layout: Layout) -> TypeGuard[GroupView]:

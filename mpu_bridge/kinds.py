@@ -33,7 +33,9 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Mapping, Optional, Tuple
 
-__all__ = ["GTP", "Kind", "KIND_TABLE", "KINDS", "KIND_BY_DIM", "KIND_BY_METHOD", "LISTED", "kind_named"]
+__all__ = [
+    "GTP", "Kind", "KIND_TABLE", "KINDS", "KIND_BY_DIM", "KIND_BY_METHOD", "LISTED", "kind_named", "mesh_dims",
+]
 
 #: megatron-core 0.19's Generalized Tensor Parallelism grid token (weight rematerialisation).
 GTP = "gtp_remat"
@@ -80,7 +82,7 @@ KIND_TABLE: Tuple[Kind, ...] = (
     Kind("tp-dp", "dense", ("tp", GTP, "dp"), "tensor x data parallel", "tp-dp", mesh_dim="tp_dp"),
     Kind("tp-dp-cp", "dense", ("tp", GTP, "dp", "cp"), "tensor x data x context parallel", "tp-dp-cp",
          pg_field="tp_dp_cp", mesh_dim="tp_dp_cp"),
-    Kind("mp", "dense", ("tp", GTP, "pp"), "model parallel (tensor x gtp x pipeline)", "mp", "model_parallel",
+    Kind("mp", "dense", ("tp", GTP, "pp"), "model parallel (tensor x pipeline)", "mp", "model_parallel",
          ("model_parallel",), "mp", "mp"),
     Kind("ep", "expert", ("ep",), "expert parallel", "ep", "expert_parallel", (), "ep", "ep"),
     Kind("etp", "expert", ("tp",), "expert tensor parallel", "etp", "expert_tensor_parallel", (),
@@ -129,3 +131,15 @@ def kind_named(name: str) -> Kind:
             return table[name]
     known = sorted(set(KINDS) | set(KIND_BY_DIM) | set(KIND_BY_METHOD))
     raise KeyError(f"unknown group kind {name!r}; known names: {', '.join(known)}")
+
+
+def mesh_dims(*, expert: bool = False, gtp: bool = False) -> Tuple[str, ...]:
+    """The default dims of a ``DeviceMesh`` over one grid, slowest first, as kind names:
+    every dimension of megatron-core's default order, with the GTP axis where
+    megatron-core 0.19 injects it when ``gtp`` (after ``tp`` dense, after ``ep`` expert).
+
+    Example: ``mesh_dims(gtp=True) == ("pp", "dp", "cp", "gtp", "tp")``.
+    """
+    if expert:
+        return ("pp", "edp", "egtp", "ep", "etp") if gtp else ("pp", "edp", "ep", "etp")
+    return ("pp", "dp", "cp", "gtp", "tp") if gtp else ("pp", "dp", "cp", "tp")

@@ -49,7 +49,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
 from .errors import BridgeError
-from .kinds import Kind, kind_named
+from .kinds import Kind, kind_named, mesh_dims
 from .layout import Layout, RankGrid
 from .validate import boolean, positive_int
 
@@ -227,9 +227,12 @@ def device_mesh(
         raise BridgeError(f"device_type must be a device type such as 'cpu' or 'cuda' (no index), got {device_type!r}")
     if ep_size is not None and not expert:
         raise BridgeError("ep_size is for the expert mesh: pass expert=True with it")
-    kinds = _kinds(EXPERT_DIMS if expert and dims is None else DENSE_DIMS if dims is None else dims, expert)
-    chosen = _names(kinds, names)
     layout = bridge.layout
+    if dims is None:  # every dimension, the GTP axis too where it is above 1
+        c = layout.config
+        dims = mesh_dims(expert=expert, gtp=(c.expert_gtp_remat if expert else c.gtp_remat) > 1)
+    kinds = _kinds(dims, expert)
+    chosen = _names(kinds, names)
     if expert:
         if ep_size is not None:
             layout = bridge.expert_groups(positive_int("ep_size", ep_size)).layout

@@ -16,8 +16,10 @@ as in megatron-core's ``use_mpu_process_groups()``, unless asked for with
 ``all_gather=True``: then each is a communicator of its own over the ranks of
 ``dp_cp`` / ``expt_dp`` (``expt_dp_ag`` only with ep > 1, as megatron-core's
 ``create_all_gather_groups``), so parameter all-gathers overlap gradient
-reduce-scatters. They are the one documented exception to "one communicator per
-rank set", and the communicator budget counts them.
+reduce-scatters. They live on a channel of their own in the registry (``"ag"``): the
+one documented exception to "one communicator per rank set", and the communicator
+budget counts them. Within that channel the rule holds again: where the two twins'
+ranks are equal (dp·cp = edp), they share one communicator.
 
 Where each field comes from:
 

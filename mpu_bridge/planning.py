@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import AbstractSet, List, Optional, Sequence, Tuple
+from typing import AbstractSet, Any, List, Optional, Sequence, Tuple
 
 from .partitions import Partition
 
@@ -98,6 +98,10 @@ def reuse_votes(
     P == Q entirely, and every other rank's group of P is registered as well. The
     agreement round checks it anyway: the votes are a fact every rank must share.
 
+    A partition on another channel (``p.channel``, e.g. the all-gather twins' ``"ag"``)
+    is its own set of communicators: it matches only ``(channel, ranks)`` entries of
+    ``registered`` and is never the default group.
+
     Example: ``reuse_votes([tp], {(0, 1)}) == ["1"]`` on rank 0 of ``plan(4, tp=2)``.
     """
     seen = set(registered)
@@ -106,10 +110,11 @@ def reuse_votes(
         if p.own is None:
             votes.append("-")
             continue
-        if world_held and p.group_size == world_held:
+        channel = getattr(p, "channel", "")
+        if world_held and p.group_size == world_held and not channel:
             votes.append("1")
             continue
-        own = tuple(p.own)
+        own: Any = tuple(p.own) if not channel else (channel, tuple(p.own))
         votes.append("1" if own in seen else "0")
         seen.add(own)
     return votes

@@ -223,11 +223,16 @@ class GroupRegistry:
             logger.info("mpu-bridge: plan check disabled (verify_plan=False)")
         return bool(verify_plan) and self.world_size > 1
 
-    def _key(self, ranks: Sequence[int], backend: Optional[str] = None, options: Any = "self") -> Tuple[Any, ...]:
+    def _key(
+        self, ranks: Sequence[int], backend: Optional[str] = None, options: Any = "self", channel: str = ""
+    ) -> Tuple[Any, ...]:
+        """The cache key of a rank set: ranks, backend, options, and -- on a channel other
+        than ``""`` (the all-gather twins) -- the channel inside the options part."""
+        opts = self._options_key if options == "self" else options
         return (
             tuple(sorted(ranks)),
             self.backend if backend is None else backend,
-            self._options_key if options == "self" else options,
+            opts if not channel else (opts, "channel", channel),
         )
 
     def _strategy(self, name: str) -> strategies.Strategy:
@@ -295,6 +300,11 @@ class GroupRegistry:
         with self._lock:
             return any(g is group for g in self._borrowed_groups)
 
+    def created_here(self, group: Any) -> bool:
+        """Whether this registry created ``group`` (and has not destroyed it)."""
+        with self._lock:
+            return any(entry.group is group for entry in self._created)
+
     def serves_world(self) -> bool:
         """Whether the default group is this registry's group for the whole world's rank
         set: its backend and options are the default group's (one communicator per rank set)."""
@@ -309,14 +319,15 @@ class GroupRegistry:
                 return self._world_borrowed
             return _torch.default_group() if self.serves_world() else None
 
-    def lookup(self, ranks: Sequence[int]) -> Optional[Any]:
-        """The registered group for ``ranks`` (this registry's backend and options), or None;
-        for the whole world's rank set, :meth:`world_group` when nothing is registered."""
+    def lookup(self, ranks: Sequence[int], channel: str = "") -> Optional[Any]:
+        """The registered group for ``ranks`` (this registry's backend and options, on
+        ``channel``), or None; for the whole world's rank set on the main channel,
+        :meth:`world_group` when nothing is registered."""
         with self._lock:
             if self._closed:
                 return None
-            entry = self._entries.get(self._key([int(r) for r in ranks]))
-            if entry is None and len(ranks) == self.world_size:
+            entry = self._entries.get(self._key([int(r) for r in ranks], channel=channel))
+            if entry is None and len(ranks) == self.world_size and not channel:
                 return self.world_group()
             return None if entry is None else entry.group
 
@@ -357,7 +368,7 @@ class GroupRegistry:
             for p, reused in zip(parts, reuse):
                 if reused:
                     self.reused += 1
-                    results.append(None if p.own is None else self.lookup(p.own))
+                    results.append(None if p.own is None else self.lookup(p.own, p.channel))
                 elif reused is None:  # mixed: enter every group, keep what this rank holds
                     self._uneven = True  # the holders keep one group, the others gain one
                     results.append(self._create_keeping(p))
@@ -433,7 +444,17 @@ class GroupRegistry:
             raise GroupCreationError("this group registry is closed; create a new one (attach again)")
 
     def _registered(self) -> set:
-        return {k[0] for k in self._entries if k[1:] == (self.backend, self._options_key)}
+        """Registered rank sets of this backend and options: plain rank tuples on the main
+        channel, ``(channel, ranks)`` on another (see :func:`planning.reuse_votes`)."""
+        out: set = set()
+        for ranks, backend, opts in self._entries:
+            if backend != self.backend:
+                continue
+            if opts == self._options_key:
+                out.add(ranks)
+            elif isinstance(opts, tuple) and len(opts) == 3 and opts[:2] == (self._options_key, "channel"):
+                out.add((opts[2], ranks))
+        return out
 
     def _plan_batch(self, parts: Sequence[Partition], label: str) -> Tuple[List[Optional[bool]], str]:
         """Agree on the batch and decide, identically on every rank, what to reuse and how to create."""
@@ -509,7 +530,7 @@ class GroupRegistry:
     def _create_keeping(self, p: Partition) -> Optional[Any]:
         """Enter every group of ``p`` (all-ranks loop); a rank that already holds its group
         keeps that one and destroys the fresh duplicate (never used, so local)."""
-        held = self.lookup(p.own) if p.own is not None else None
+        held = self.lookup(p.own, p.channel) if p.own is not None else None
         if held is None:
             return self._create(p, "new_group")
         duplicate = self._strategy("new_group").create(p)
@@ -538,7 +559,7 @@ class GroupRegistry:
             if creator.last_name:
                 self._store.set(f"{_USED_NAME_PREFIX}/{creator.last_name}", p.key)
         entry = _Entry(tuple(p.own), group, borrowed=False, source=p.key, strategy=strategy)
-        self._entries[self._key(p.own)] = entry
+        self._entries[self._key(p.own, channel=p.channel)] = entry
         self._created.append(entry)
         self.created += 1
         return group

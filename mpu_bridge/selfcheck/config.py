@@ -17,7 +17,7 @@ from typing import Dict, Optional, Tuple
 
 from .. import partitions
 from ..errors import LayoutError
-from ..kinds import KIND_BY_METHOD, KIND_TABLE
+from ..kinds import KIND_BY_METHOD, KIND_TABLE, mesh_dims
 from ..layout import DEFAULT_ORDER, Layout, plan
 from ..validate import positive_int
 
@@ -59,8 +59,8 @@ DENSE_METHODS: Tuple[str, ...] = (
 
 #: ``--exports``: the dims of the dense ``DeviceMesh`` checked (slowest first) and of the
 #: expert one (one per expert-parallel size above 1), as kind names of :mod:`mpu_bridge.kinds`.
-MESH_DIMS: Tuple[str, ...] = ("pp", "dp", "cp", "tp")
-EXPERT_MESH_DIMS: Tuple[str, ...] = ("pp", "edp", "ep", "etp")
+MESH_DIMS: Tuple[str, ...] = mesh_dims()
+EXPERT_MESH_DIMS: Tuple[str, ...] = mesh_dims(expert=True)
 
 #: ``--exports``: the ``ProcessGroupCollection`` fields with no kind of their own, as
 #: megatron-core fills them with one distributed-optimizer instance and no hierarchical
@@ -133,6 +133,15 @@ class SelfCheckConfig:
             gtp_remat=self.gtp_remat,
             expert_gtp_remat=self.expert_gtp_remat,
         )
+
+    def mesh_dims(self, *, expert: bool = False) -> Tuple[str, ...]:
+        """``--exports``: the dims of the dense (or expert) ``DeviceMesh`` checked, slowest
+        first: :data:`MESH_DIMS` / :data:`EXPERT_MESH_DIMS`, with the GTP axis when active.
+
+        Example: ``SelfCheckConfig(gtp_remat=2).mesh_dims() == ("pp", "dp", "cp", "gtp", "tp")``.
+        """
+        gtp = (self.expert_gtp_remat if expert else self.gtp_remat) > 1
+        return mesh_dims(expert=expert, gtp=gtp)
 
     def expert_layout(self, world_size: int, ep_size: int) -> Layout:
         """The planner's layout for expert-parallel size ``ep_size`` (:func:`partitions.expert_layout`).
@@ -282,11 +291,11 @@ def expected_exports(
     dense = config.dense_layout(world_size)
     fields_expected = _expected_fields(dense, world_size, rank, fields)
     out = {export_label("pg_collection", f): ranks for f, ranks in fields_expected.items()}
-    for dim in MESH_DIMS:
+    for dim in config.mesh_dims():
         out[export_label("device_mesh", dim)] = _own(partitions.dense(dense, dim, rank))
     for ep_size in config.ep:
         if ep_size > 1:
             experts = config.expert_layout(world_size, ep_size)
-            for dim in EXPERT_MESH_DIMS:
+            for dim in config.mesh_dims(expert=True):
                 out[export_label("device_mesh", dim, ep_size)] = _own(partitions.dense(experts, dim, rank))
     return out

@@ -21,8 +21,6 @@ from typing import Any, Callable, List, Mapping, Optional, Sequence, Set, Tuple
 
 from .config import (
     DENSE_METHODS,
-    EXPERT_MESH_DIMS,
-    MESH_DIMS,
     SelfCheckConfig,
     export_label,
     label,
@@ -144,18 +142,19 @@ def _exported_groups(bridge: Any, config: SelfCheckConfig, device_type: str) -> 
     held = vars(collection)  # megatron-core 0.19's __getattr__ answers None for unset fields
     for field in export_fields():
         out.append((export_label("pg_collection", field), held.get(field)))
-    mesh = bridge.device_mesh(MESH_DIMS, device_type=device_type)
-    out.extend((export_label("device_mesh", dim), mesh.get_group(axis)) for axis, dim in enumerate(MESH_DIMS))
+    dense_dims, expert_dims = config.mesh_dims(), config.mesh_dims(expert=True)
+    mesh = bridge.device_mesh(dense_dims, device_type=device_type)
+    out.extend((export_label("device_mesh", dim), mesh.get_group(axis)) for axis, dim in enumerate(dense_dims))
     for ep_size in config.ep:
         if ep_size <= 1:
             continue
         own = ep_size == bridge.layout.config.ep
         experts = bridge.device_mesh(
-            EXPERT_MESH_DIMS, expert=True, ep_size=None if own else ep_size, device_type=device_type
+            expert_dims, expert=True, ep_size=None if own else ep_size, device_type=device_type
         )
         out.extend(
             (export_label("device_mesh", dim, ep_size), experts.get_group(axis))
-            for axis, dim in enumerate(EXPERT_MESH_DIMS)
+            for axis, dim in enumerate(expert_dims)
         )
     return out
 
@@ -164,8 +163,9 @@ def _export_status(bridge: Any, group: Any, ranks: Tuple[int, ...], existed: boo
     """``borrowed``: the MPU's own object (registered as borrowed, or handed out by the
     MPU's getters without the registry); ``reused``: a communicator the bridge held
     before the exports; ``created``: one the bridge created for them."""
-    registered = bridge.registry.lookup(sorted(ranks)) is group
-    if bridge.registry.is_borrowed(group) or (bridge.reader is not None and not registered):
+    registry = bridge.registry
+    registered = registry.lookup(sorted(ranks)) is group or registry.created_here(group)
+    if registry.is_borrowed(group) or (bridge.reader is not None and not registered):
         return BORROWED
     return REUSED if existed else CREATED
 
