@@ -616,7 +616,8 @@ def _check_standalone_kinds(world: World, case: Case, bridge: Any, layout: Any, 
 
     for kind in KIND_TABLE:
         want = sorted(layout.group_of(kind.name, world.rank))
-        existed = bridge.registry.lookup(want) is not None
+        channel = "ag" if kind.twin_of else ""  # an all-gather twin: a communicator of its own
+        existed = bridge.registry.lookup(want, channel) is not None
         calls, created = len(counter.calls), bridge.stats()["created"]
         info = bridge.group(kind.name)
         case.equal(f"{kind.name} ranks (planner)", sorted(info.ranks), want)

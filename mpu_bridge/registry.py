@@ -68,6 +68,7 @@ import datetime
 import hashlib
 import logging
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -427,6 +428,7 @@ class GroupRegistry:
                     logger.warning(
                         "mpu-bridge: rank %d could not destroy group %s: %s", self.rank, abbrev(entry.ranks), exc
                     )
+            _park([entry.group for entry in self._created])
             self._created.clear()
             self._entries.clear()
             self._world_borrowed = None
@@ -563,6 +565,31 @@ class GroupRegistry:
         self._created.append(entry)
         self.created += 1
         return group
+
+
+#: Groups close() destroyed, with when: kept referenced for a while (see _park).
+_parked: List[Tuple[float, List[Any]]] = []
+_parked_lock = threading.Lock()
+_PARK_S = 1.0
+
+
+def _park(groups: List[Any]) -> None:
+    """Keep ``groups`` (just destroyed) referenced for about a second, releasing older ones.
+
+    PyTorch up to 2.7 runs a ProcessGroup's C++ destructor with the GIL held, and a gloo
+    group's destructor waits for its worker threads, one of which may still be retiring
+    a collective that just finished and need the GIL to free its tensors: a deadlock when
+    the last reference goes right after a collective (pytorch/pytorch#154976). A second
+    later those workers are long idle. ``destroy_process_group`` has already run, so torch
+    no longer knows the groups; only their objects live on, until a later close() or exit.
+    """
+    now = time.monotonic()
+    with _parked_lock:
+        old = [batch for when, batch in _parked if now - when >= _PARK_S]
+        _parked[:] = [(when, batch) for when, batch in _parked if now - when < _PARK_S]
+        if groups:
+            _parked.append((now, list(groups)))
+    old.clear()  # outside the lock: destructors may take a while
 
 
 def _everyone(result: Agreement, facts: Dict[str, str], name: str) -> bool:
