@@ -268,6 +268,8 @@ def verdict(c):
         )
     except (AssertionError, RuntimeError) as exc:
         return {"accepted": False, "error": f"{type(exc).__name__}: {exc}"}
+    except ValueError as exc:  # megatron-core 0.19 fails inside for orders without 'tp'
+        return {"accepted": False, "crashed": True, "error": f"{type(exc).__name__}: {exc}"}
     else:
         groups = {k: dist.get_process_group_ranks(f(**kw)) for k, (f, kw) in GETTERS.items()}
         return {"accepted": True, "groups": groups}
@@ -315,9 +317,16 @@ def test_initialize_model_parallel_rejects_exactly_what_plan_rejects(megatron_ve
         f"{c.id}: megatron-core {'accepts' if v['accepted'] else 'rejects (' + v['error'] + ')'}, "
         f"plan {'accepts' if plan_accepts(c) else 'rejects'}"
         for c, v in zip(ALL_CANDIDATES, megatron_verdicts)
-        if v["accepted"] != plan_accepts(c)
+        if v["accepted"] != plan_accepts(c) and not v.get("crashed")
     ]
     assert not disagreements, "\n".join(disagreements)
+
+
+def test_megatron_core_fails_inside_only_for_orders_without_tp(megatron_verdicts):
+    # megatron-core 0.19 injects its gtp_remat axis after 'tp' and fails with a ValueError
+    # when the order leaves 'tp' out; earlier releases run those orders, and so does plan()
+    crashed = [(c, v) for c, v in zip(ALL_CANDIDATES, megatron_verdicts) if v.get("crashed")]
+    assert all("tp" not in c.order.split("-") for c, _ in crashed), [c.id for c, _ in crashed]
 
 
 def test_the_rejections_cover_every_megatron_check(megatron_verdicts):
