@@ -64,6 +64,7 @@ Example (every rank)::
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import hashlib
 import logging
@@ -570,6 +571,7 @@ class GroupRegistry:
 #: Groups close() destroyed, with when: kept referenced for a while (see _park).
 _parked: List[Tuple[float, List[Any]]] = []
 _parked_lock = threading.Lock()
+_parked_at_exit: List[Any] = []  # the exit handler, once registered
 _PARK_S = 1.0
 
 
@@ -588,8 +590,21 @@ def _park(groups: List[Any]) -> None:
         old = [batch for when, batch in _parked if now - when >= _PARK_S]
         _parked[:] = [(when, batch) for when, batch in _parked if now - when < _PARK_S]
         if groups:
+            if not _parked_at_exit:
+                _parked_at_exit.append(atexit.register(_unpark_at_exit))
             _parked.append((now, list(groups)))
     old.clear()  # outside the lock: destructors may take a while
+
+
+def _unpark_at_exit() -> None:
+    """Release the parked groups before the interpreter finalizes, once their workers had
+    time to retire what they ran (sleeping releases the GIL)."""
+    with _parked_lock:
+        batches = [batch for _, batch in _parked]
+        _parked.clear()
+    if batches:
+        time.sleep(0.1)
+    batches.clear()
 
 
 def _everyone(result: Agreement, facts: Dict[str, str], name: str) -> bool:
