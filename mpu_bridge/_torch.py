@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional, Sequence
 
@@ -32,6 +33,7 @@ __all__ = [
     "MemberOnlyNaming",
     "member_only_naming",
     "distrust",
+    "let_workers_retire",
     "bound_device",
     "supports",
     "mesh_flattened",
@@ -152,6 +154,21 @@ def distrust(problem: str) -> None:
     otherwise than it predicted (``problem`` says how). Later batches use the all-ranks loop."""
     global _doubt
     _doubt = problem
+
+
+def let_workers_retire(seconds: float = 0.2) -> None:
+    """Sleep ``seconds`` (releasing the GIL) when the default group is gloo, so its worker
+    threads can retire the collectives they just ran before a group's last reference goes.
+
+    PyTorch up to 2.7 runs a ProcessGroup's C++ destructor with the GIL held, and a gloo
+    group's destructor joins its worker threads, one of which may still need the GIL to
+    free a finished collective's tensors: a deadlock (pytorch/pytorch#154976). Call it
+    before ``destroy_process_group()`` right after collectives. Example: in a launcher's
+    teardown, ``let_workers_retire(); dist.destroy_process_group()``.
+    """
+    group = default_group()
+    if group is not None and str(dist.get_backend(group)).lower() == "gloo":
+        time.sleep(seconds)
 
 
 def bound_device() -> Any:

@@ -429,6 +429,8 @@ class GroupRegistry:
                     logger.warning(
                         "mpu-bridge: rank %d could not destroy group %s: %s", self.rank, abbrev(entry.ranks), exc
                     )
+            if self._created and alive:
+                _torch.let_workers_retire(0.05)  # gloo retires recent collectives, also of groups it does not park
             _park([entry.group for entry in self._created])
             self._created.clear()
             self._entries.clear()
@@ -603,7 +605,7 @@ def _unpark_at_exit() -> None:
         batches = [batch for _, batch in _parked]
         _parked.clear()
     if batches:
-        time.sleep(0.1)
+        time.sleep(0.2)  # the workers of a group used just before exit retire its collectives
     batches.clear()
 
 

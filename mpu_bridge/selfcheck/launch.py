@@ -176,6 +176,9 @@ def _destroy_process_group() -> None:
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized():
+            from .. import _torch
+
+            _torch.let_workers_retire()  # torch <= 2.7 can deadlock destroying gloo groups otherwise
             dist.destroy_process_group()
     except Exception:
         pass
