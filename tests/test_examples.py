@@ -20,6 +20,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 from importlib import metadata
 from pathlib import Path
@@ -96,20 +97,27 @@ def _run(args: List[str], *, env: Optional[Dict[str, str]] = None) -> subprocess
         {"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"}
     )
     full_env.update(env or {})
-    proc = subprocess.Popen(
-        args,
-        cwd=ROOT,
-        env=full_env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,  # torchrun's workers too, so a timeout stops them all
-    )
-    try:
-        out, err = proc.communicate(timeout=RUN_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
+    # Output goes to files, not pipes: a worker that outlives torchrun (torch 2.6 left one
+    # waiting in a collective) would hold a pipe open and make reading it wait forever.
+    with tempfile.TemporaryFile("w+") as out_file, tempfile.TemporaryFile("w+") as err_file:
+        proc = subprocess.Popen(
+            args, cwd=ROOT, env=full_env, stdout=out_file, stderr=err_file, text=True,
+            start_new_session=True,  # torchrun's workers too, so one kill stops them all
+        )
+        try:
+            proc.wait(timeout=RUN_TIMEOUT_S)
+            timed_out = False
+        except subprocess.TimeoutExpired:
+            timed_out = True
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # whatever of the run is left, finished or not
+        except ProcessLookupError:
+            pass
+        proc.wait()
+        out_file.seek(0)
+        err_file.seek(0)
+        out, err = out_file.read(), err_file.read()
+    if timed_out:
         pytest.fail(f"{' '.join(args)} did not finish in {RUN_TIMEOUT_S:g} s\n{out}\n{err[-3000:]}")
     return subprocess.CompletedProcess(args, proc.returncode, out, err)
 
