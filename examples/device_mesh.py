@@ -77,7 +77,7 @@ def main() -> None:
     borrowed = borrowed and again.data_parallel().group is bridge.data_parallel().group
 
     line = (
-        f"rank {rank}: coordinate {mesh.get_coordinate()} | mesh['tp'] is the bridge's tp group: {own} "
+        f"rank {rank}: coordinate {tuple(mesh.get_coordinate())} | mesh['tp'] is the bridge's tp group: {own} "
         f"| rows {rows.to_local().tolist()} | gathered over dp: {torch.equal(gathered, weights)} "
         f"| tp sum {int(tp_sum.item())} | fsdp2 {STEPS} steps equal to one process: {equal} "
         f"| attach(mesh): {again.reader.flavour}, the same groups: {borrowed}"
