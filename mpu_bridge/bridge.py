@@ -159,9 +159,7 @@ class Bridge(BridgeBase):
         """The one request path of :meth:`group` and the dense getters (one answer per kind)."""
         if ep_size is None or spec.grid != "expert":  # answered before, or the MPU's own: never waits
             view = self._view()
-            known = view.borrowed.get(spec.name) or view.answers.get(
-                f"group:{spec.name}:{partitions.layout_signature(view.layout)}"
-            )
+            known = view.borrowed.get(spec.name) or view.answers.get(_group_key(spec, view.layout))
             if known is not None:
                 return known
         with self._lock:
@@ -183,8 +181,7 @@ class Bridge(BridgeBase):
             def finish(s: State, infos: List[GroupInfo]) -> GroupInfo:
                 return prefer_mpu_group(s, spec.name, infos[0])
 
-            key = f"group:{spec.name}:{partitions.layout_signature(layout)}"
-            return self._request(key, label, families, finish)
+            return self._request(_group_key(spec, layout), label, families, finish)
 
     def device_mesh(
         self,
@@ -385,6 +382,11 @@ class Bridge(BridgeBase):
     def as_legacy_mpu(self) -> Any:
         """An object with the whole ``mpu`` surface DeepSpeed calls (see :mod:`mpu_bridge.legacy_mpu`)."""
         return LegacyMpu(self)
+
+
+def _group_key(spec: Kind, layout: Layout) -> str:
+    """The answer cache's key of :meth:`Bridge.group` for ``spec`` in ``layout``."""
+    return f"group:{spec.name}:{partitions.layout_signature(layout)}"
 
 
 def attach(mpu: Optional[object] = None, **options: Any) -> Bridge:

@@ -28,7 +28,7 @@ Example (every rank)::
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Dict, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Mapping, Tuple
 
 from .errors import MpuError
 
@@ -148,14 +148,6 @@ class CollectionMpu:
 
         getter.__name__ = name
         return getter
-
-    def field_of(self, name: str, kwargs: Optional[Mapping[str, Any]] = None) -> Optional[str]:
-        """The field a getter call answers from (for messages), or None."""
-        for field in self.fields:
-            getter_name, selector = FIELD_GETTERS[field]
-            if getter_name == name and all((kwargs or {}).get(k, v) == v for k, v in selector):
-                return field
-        return None
 
     def __repr__(self) -> str:
         return f"<ProcessGroupCollection read as an MPU: {', '.join(self.fields)}>"

@@ -271,6 +271,27 @@ def _install(
 # -- expert groups --------------------------------------------------------------------------
 
 
+def _expert_slot_taken(
+    name: str, rank: int, ours: List[int], present: Any, owner: Optional[Tuple["Bridge", _Installed]]
+) -> BridgeError:
+    """Why DeepSpeed's ``name`` slot cannot take this bridge's expert groups: another bridge
+    installed its own there (``owner``), or DeepSpeed made ``present`` itself."""
+    if owner is not None:
+        theirs = owner[1].answer.expert_parallel.ranks
+        return BridgeError(
+            f"DeepSpeed already holds expert groups named {name!r} that mpu-bridge installed for another "
+            f"bridge (expert-parallel ranks {list(theirs)} on rank {rank}, this bridge's are "
+            f"{ours}); DeepSpeed keeps one per name: call uninstall_expert_groups on the "
+            "bridge that installed them first"
+        )
+    return BridgeError(
+        f"DeepSpeed already holds expert groups named {name!r} that mpu-bridge did not create "
+        f"(expert-parallel ranks {_group_ranks(present)} on rank {rank}, the bridge's are "
+        f"{ours}); call install_expert_groups before deepspeed.initialize "
+        "and before any MoE layer creates its groups"
+    )
+
+
 def install_expert_groups(
     bridge: "Bridge",
     ep_size: int,
@@ -312,20 +333,7 @@ def install_expert_groups(
                         weakref.ref(bridge.state), etp_change)
 
     def refuse(present: Any, owner: Optional[Tuple["Bridge", _Installed]]) -> BridgeError:
-        if owner is not None:
-            theirs = owner[1].answer.expert_parallel.ranks
-            return BridgeError(
-                f"DeepSpeed already holds expert groups named {name!r} that mpu-bridge installed for another "
-                f"bridge (expert-parallel ranks {list(theirs)} on rank {bridge.rank}, this bridge's are "
-                f"{list(ep_info.ranks)}); DeepSpeed keeps one per name: call uninstall_expert_groups on the "
-                "bridge that installed them first"
-            )
-        return BridgeError(
-            f"DeepSpeed already holds expert groups named {name!r} that mpu-bridge did not create "
-            f"(expert-parallel ranks {_group_ranks(present)} on rank {bridge.rank}, the bridge's are "
-            f"{list(ep_info.ranks)}); call install_expert_groups before deepspeed.initialize "
-            "and before any MoE layer creates its groups"
-        )
+        return _expert_slot_taken(name, bridge.rank, list(ep_info.ranks), present, owner)
 
     changed = _install(module, bridge, record, {ep_slot: list(ep_info.ranks), edp_slot: list(edp_info.ranks)},
                        refuse)

@@ -68,9 +68,9 @@ __all__ = [
 ]
 
 #: Default dimensions of the dense mesh, slowest first.
-DENSE_DIMS: Tuple[str, ...] = ("pp", "dp", "cp", "tp")
+DENSE_DIMS: Tuple[str, ...] = mesh_dims()
 #: Default dimensions of the expert mesh, slowest first.
-EXPERT_DIMS: Tuple[str, ...] = ("pp", "edp", "ep", "etp")
+EXPERT_DIMS: Tuple[str, ...] = mesh_dims(expert=True)
 
 Names = Union[Mapping[str, str], Sequence[str], None]
 

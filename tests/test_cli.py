@@ -8,17 +8,17 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, Tuple
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from _reports import run, table_rows
 from mpu_bridge.cli import main
 from mpu_bridge.layout import KINDS, plan
 from mpu_bridge.render import abbreviate_ranks, layout_report, render_svg
@@ -36,23 +36,6 @@ PLAN64 = ["plan", "--world-size", "64", "--tp", "2", "--pp", "2", "--ep", "4", "
 PLAN1M = ["plan", "--world-size", "1048576", "--tp", "8", "--pp", "4", "--ep", "8", "--gpus-per-node", "8"]
 
 
-def run(capsys: pytest.CaptureFixture, *args: str) -> Tuple[int, str, str]:
-    status = main(list(args))
-    captured = capsys.readouterr()
-    return status, captured.out, captured.err
-
-
-def table_rows(text: str, first_line: str) -> Dict[str, List[str]]:
-    """The table whose header starts with ``first_line``, as kind -> cells (split on 2+ spaces)."""
-    lines = text.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith(first_line))
-    rows = {}
-    for line in lines[start + 1 :]:
-        if not line.strip():
-            break
-        cells = re.split(r"\s{2,}", line.strip())
-        rows[cells[0]] = cells[1:]
-    return rows
 
 
 def svg_cells(text: str) -> Dict[int, Tuple[int, str]]:

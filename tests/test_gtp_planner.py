@@ -9,14 +9,12 @@ megatron-core puts it, the kinds' table lists the GTP kinds only when their size
 from __future__ import annotations
 
 import json
-import re
 import xml.etree.ElementTree as ET
-from typing import Dict, List, Tuple
 
 import pytest
 
+from _reports import run, table_rows
 from mpu_bridge.budget import budget
-from mpu_bridge.cli import main
 from mpu_bridge.layout import plan
 from mpu_bridge.render import default_color_kind, render_text, row_width
 
@@ -26,23 +24,6 @@ GTP8 = ["plan", "--world-size", "8", "--tp", "2", "--gtp-remat", "2", "--gpus-pe
 EGTP16 = ["plan", "--world-size", "16", "--tp", "2", "--ep", "2", "--expert-gtp-remat", "2"]
 
 
-def run(capsys: pytest.CaptureFixture, *args: str) -> Tuple[int, str, str]:
-    status = main(list(args))
-    captured = capsys.readouterr()
-    return status, captured.out, captured.err
-
-
-def table_rows(text: str, first_line: str) -> Dict[str, List[str]]:
-    """The table whose header starts with ``first_line``, as name -> cells (split on 2+ spaces)."""
-    lines = text.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith(first_line))
-    rows = {}
-    for line in lines[start + 1 :]:
-        if not line.strip():
-            break
-        cells = re.split(r"\s{2,}", line.strip())
-        rows[cells[0]] = cells[1:]
-    return rows
 
 
 def test_header_shows_the_gtp_axis_where_megatron_core_puts_it(capsys):

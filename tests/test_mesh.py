@@ -22,6 +22,8 @@ import pytest
 import torch
 
 from _multiproc import run_ranks
+from _rank_rule import assert_rank_rule
+from _rank_rule import observe as observe_rank_rule
 from mpu_bridge.errors import BridgeError
 from mpu_bridge.layout import plan
 from mpu_bridge.mesh import mesh_ranks
@@ -318,41 +320,6 @@ def _no_names(bridge: Any) -> Dict[str, str]:
 
 # -- the rank rule: what the bridge reports as a rank is its group's own rank -----------------
 
-#: Methods that hand out one group (name -> call), for the rank rule.
-_GROUP_CALLS: Dict[str, Callable[[Any], Any]] = {
-    "tensor_parallel": lambda b: b.tensor_parallel(),
-    "pipeline_parallel": lambda b: b.pipeline_parallel(),
-    "model_parallel": lambda b: b.model_parallel(),
-    "data_parallel": lambda b: b.data_parallel(),
-    "sequence_parallel": lambda b: b.sequence_parallel(),
-    "sequence_data_parallel": lambda b: b.sequence_data_parallel(),
-    "expert_parallel": lambda b: b.expert_groups(2).expert_parallel,
-    "expert_data_parallel": lambda b: b.expert_groups(2).expert_data_parallel,
-}
-#: legacy getter prefix -> the method whose group it answers.
-_LEGACY = {
-    "get_tensor_model_parallel": "tensor_parallel",
-    "get_pipeline_model_parallel": "pipeline_parallel",
-    "get_data_parallel": "data_parallel",
-}
-
-
-def _rank_rule(bridge: Any) -> Dict[str, Any]:
-    """Per group the bridge hands out: (reported ranks, reported rank, the group's own ranks,
-    ``dist.get_rank(group)``), and the legacy MPU's rank getters next to the group's rank."""
-    import torch.distributed as dist
-
-    out: Dict[str, Any] = {}
-    for name, call in _GROUP_CALLS.items():
-        info = call(bridge)
-        out[name] = (tuple(info.ranks), info.rank, tuple(dist.get_process_group_ranks(info.group)),
-                     dist.get_rank(info.group))
-    legacy = bridge.as_legacy_mpu()
-    for prefix, name in _LEGACY.items():
-        out[f"legacy {prefix}_rank"] = (getattr(legacy, f"{prefix}_rank")(), out[name][3])
-    return out
-
-
 #: 8-rank meshes: name -> (mesh tensor as nested lists, dim names). Those whose slices all
 #: ascend are read; those with a slice that runs backwards are refused.
 _ORDER_MESHES: Dict[str, Any] = {
@@ -378,7 +345,7 @@ def _order_meshes(rank: int) -> Dict[str, Any]:
         mesh = DeviceMesh("cpu", tensor, mesh_dim_names=names)
         try:
             with mpu_bridge.attach(mesh, agreement_timeout=AGREEMENT_TIMEOUT_S) as bridge:
-                out[name] = _rank_rule(bridge)
+                out[name] = observe_rank_rule(bridge)
         except BridgeError as exc:
             out[name] = {"type": type(exc).__name__, "message": str(exc)}
     # torchtitan's names with flattened dims
@@ -387,7 +354,7 @@ def _order_meshes(rank: int) -> Dict[str, Any]:
     mesh["dp_replicate", "dp_shard", "cp"]._flatten("dp_cp")
     mesh["dp_shard", "cp"]._flatten("ep")
     with mpu_bridge.attach(mesh, agreement_timeout=AGREEMENT_TIMEOUT_S) as bridge:
-        out["torchtitan"] = _rank_rule(bridge)
+        out["torchtitan"] = observe_rank_rule(bridge)
     return out
 
 
@@ -719,17 +686,7 @@ def test_every_reported_rank_is_the_rank_in_the_group_handed_out(world, name):
     # group the bridge hands out reports the group's own order as its ranks and
     # dist.get_rank(group) as its rank -- the legacy MPU's rank getters too
     observed = _each(world, "order_meshes", name)
-    if any("type" in obs for obs in observed):
-        assert all(obs.get("type") == "MpuError" for obs in observed), observed
-        return
-    for rank, obs in enumerate(observed):
-        for method in _GROUP_CALLS:
-            ranks, reported, group_ranks, group_rank = obs[method]
-            assert ranks == group_ranks, (rank, method, ranks, group_ranks)
-            assert reported == group_rank == ranks.index(rank), (rank, method, reported, group_rank)
-        for key in [k for k in obs if k.startswith("legacy")]:
-            legacy, group_rank = obs[key]
-            assert legacy == group_rank, (rank, key)
+    assert_rank_rule(observed)
 
 
 def test_meshes_whose_slices_all_ascend_are_read(world):

@@ -22,12 +22,12 @@ from typing import Any, Dict, Iterator, List
 import pytest
 import torch
 import torch.distributed as dist
-from _torch_rule import member_only_moves_counter
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.distributed import distributed_c10d as c10d
 
 from _multiproc import run_ranks
+from _torch_rule import member_only_moves_counter
 from mpu_bridge import partitions
 from mpu_bridge.errors import BridgeError, GroupCreationError, LayoutError, PlanMismatchError
 from mpu_bridge.layout import KINDS, plan

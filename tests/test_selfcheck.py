@@ -21,6 +21,7 @@ from typing import Dict, List, NamedTuple
 
 import pytest
 
+from _reports import table_rows
 from mpu_bridge.cli import main
 from mpu_bridge.errors import LayoutError
 from mpu_bridge.optional import is_available
@@ -96,15 +97,7 @@ def _selfcheck_module(*args: str) -> Run:
 
 def group_table(report: str) -> Dict[str, List[str]]:
     """The report's group table: label -> [size, groups, communicator, all-reduce, broadcast, planner, result]."""
-    lines = report.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith("group kind "))
-    rows = {}
-    for line in lines[start + 1 :]:
-        if not line.strip():
-            break
-        cells = re.split(r"\s{2,}", line.strip())
-        rows[cells[0]] = cells[1:]
-    return rows
+    return table_rows(report, "group kind ")
 
 
 def last_line(report: str) -> str:

@@ -25,10 +25,10 @@ from typing import Any, Dict, Iterator, List
 import pytest
 import torch
 import torch.distributed as dist
-from _torch_rule import member_only_moves_counter
 from torch.distributed import distributed_c10d as c10d
 
 from _multiproc import run_ranks
+from _torch_rule import member_only_moves_counter
 from mpu_bridge import _torch, strategies
 from mpu_bridge.errors import BridgeError, GroupCreationError
 from mpu_bridge.layout import plan
