@@ -134,13 +134,38 @@ def scenarios(quick: bool, repeats: int) -> List[Scenario]:
 # ---------------------------------------------------------------------------------------
 
 
-def _c10d_counts() -> Tuple[int, int]:
-    """(groups this rank holds, new_group calls so far) from PyTorch's bookkeeping."""
+_NEW_GROUP_CALLS = [0]
+
+
+def _count_new_group_calls() -> None:
+    """Count every ``new_group`` call of this process from now on (once), however the caller
+    imported it (megatron-core, the bridge, ``DeviceMesh``): all go through
+    ``distributed_c10d._new_group_with_tag``.
+
+    Counted at the call, not derived from PyTorch's group counter: which calls move that
+    counter changed in torch 2.14 (member-only groups too), so a derived count is wrong on
+    one line or the other."""
     from torch.distributed import distributed_c10d as c10d
 
-    world = c10d._world
-    hashed = sum(1 for name in world.pg_names.values() if not str(name).isdigit())
-    return len(world.pg_map), int(world.group_count) + hashed
+    original = c10d._new_group_with_tag
+    if getattr(original, "_mpu_bridge_counted", False):
+        return
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        _NEW_GROUP_CALLS[0] += 1
+        return original(*args, **kwargs)
+
+    counted._mpu_bridge_counted = True  # type: ignore[attr-defined]
+    c10d._new_group_with_tag = counted
+
+
+def _c10d_counts() -> Tuple[int, int]:
+    """(groups this rank holds, new_group calls so far): PyTorch's live groups, and the calls
+    counted since :func:`_count_new_group_calls` (installed on first use)."""
+    from torch.distributed import distributed_c10d as c10d
+
+    _count_new_group_calls()
+    return len(c10d._world.pg_map), _NEW_GROUP_CALLS[0]
 
 
 def _held_rank_sets() -> set:
