@@ -88,6 +88,7 @@ logger = logging.getLogger(__name__)
 
 # Store keys marking member-only group names already used (see the module docstring).
 _USED_NAME_PREFIX = "mpu_bridge/used_group_name"
+_DUPLICATE_PREFIX = "mpu_bridge/duplicate_made"
 
 
 @dataclass
@@ -540,9 +541,34 @@ class GroupRegistry:
             return self._create(p, "new_group")
         duplicate = self._strategy("new_group").create(p)
         if duplicate is not None and duplicate is not held and _torch.is_live(duplicate):
-            dist.destroy_process_group(duplicate)
+            self._discard_duplicate(duplicate, p.own)
         self.reused += 1
         return held
+
+    def _discard_duplicate(self, duplicate: Any, members: Sequence[int]) -> None:
+        """Destroy a fresh duplicate of a group this rank holds, once every member made it.
+
+        Its members all hold the group (see :func:`planning.merge_votes`), so each discards
+        its own copy; a gloo group connects eagerly, and one member destroying its copy while
+        another is still in the handshake breaks the other's creation ("connection closed by
+        peer"). With the plan check's store each member says it is done and waits for the
+        others; without it the copy lives until :meth:`close`.
+        """
+        name = _torch.group_name(duplicate)
+        if self._store is None or name is None:
+            self._created.append(_Entry(tuple(members), duplicate, borrowed=False, source="duplicate",
+                                        strategy="new_group"))
+            return
+        prefix = f"{_DUPLICATE_PREFIX}/{name}"
+        self._store.set(f"{prefix}/{self.rank}", "1")
+        try:
+            self._store.wait([f"{prefix}/{m}" for m in members], self.timeout)
+        except Exception as exc:  # the store raises RuntimeError or DistStoreError on timeout
+            raise GroupCreationError(
+                f"rank {self.rank}: the other members of group {abbrev(members)} never finished "
+                f"creating it within the process-group timeout ({self.timeout}): {exc}"
+            ) from exc
+        dist.destroy_process_group(duplicate)
 
     def _create(self, p: Partition, strategy: str) -> Optional[Any]:
         creator = self._strategy(strategy)

@@ -8,13 +8,16 @@ the whole agreement round and creation), another thread of the same rank gets
 asked for at once -- the README promises they can be called on one rank for logging.
 
 The scenario is ordered by events, not timed: rank 1 joins the collective only after
-rank 0's reader thread says it has its answers (through the store). Had the reader
-waited for the lock, rank 1 would wait for it until its store wait expires (60 s),
-and rank 0 would see its collective finish *before* its reads.
+rank 0's reader thread says it has its answers (through a store client of the test's
+own: a TCPStore client runs one request at a time, so the default store's client is
+busy for as long as the collective thread waits on it, on every PyTorch). Had the
+reader waited for the lock, rank 1 would wait for it until its store wait expires
+(60 s), and rank 0 would see its collective finish *before* its reads.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from typing import Any, Dict
@@ -37,16 +40,25 @@ def _lock_taken_by_another_thread(lock: Any, deadline_s: float = 30.0) -> bool:
     return False
 
 
+def _signals() -> Any:
+    """A store client of the test's own on the launcher's rendezvous store."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                         timeout=timedelta(seconds=STORE_WAIT_S))
+
+
 def _reader_and_collective(rank: int, world_size: int) -> Dict[str, Any]:
     from datetime import timedelta
 
     import mpu_bridge
-    from mpu_bridge import _torch
 
     bridge = mpu_bridge.attach(None, agreement_timeout=STORE_WAIT_S * 2)  # dp = the world
     data_parallel = bridge.data_parallel()  # made once, collectively, before the test
     legacy = bridge.as_legacy_mpu()
-    store = _torch.default_store()
+    store = _signals()
     if rank == 1:  # the late rank: joins the collective only once rank 0's reads are done
         try:
             store.wait([READERS_DONE], timedelta(seconds=STORE_WAIT_S))

@@ -53,10 +53,6 @@ DEADLINE = 600.0
 # ---------------------------------------------------------------------------------------
 
 
-
-
-
-
 def _timed(call: Callable[[], Any]) -> Dict[str, Any]:
     """What ``call()`` did and how long it took: error type and message, or the value."""
     start = time.monotonic()
@@ -492,3 +488,43 @@ def test_a_covering_family_over_rank_sets_some_ranks_hold_is_created_by_all_and_
     assert {o["strategy"] for o in observed} == {"new_group"}
     # ranks 0 and 1: the pair only; ranks 2 and 3: their tp group only
     assert [o["created"] for o in observed] == [1, 1, 1, 1]
+
+
+def _slow_duplicate_world(rank: int, world: int) -> Dict[str, Any]:
+    import torch.distributed as dist
+
+    from mpu_bridge import partitions
+    from mpu_bridge.registry import GroupRegistry
+
+    registry = GroupRegistry(agreement_timeout=60)
+    pair = partitions.Partition("pair01", 2, 1, (0, 1) if rank < 2 else None, lambda: [[0, 1]])
+    registry.ensure([pair])
+    times: Dict[str, float] = {}
+    real_new_group, real_destroy = dist.new_group, dist.destroy_process_group
+
+    def slow_new_group(ranks: Any, **kwargs: Any) -> Any:
+        group = real_new_group(ranks, **kwargs)
+        if list(ranks) == [0, 1]:
+            time.sleep(1.0)  # rank 1 is still busy with its copy of [0, 1]
+            times["made"] = time.time()
+        return group
+
+    def timed_destroy(group: Any = None) -> None:
+        times.setdefault("destroyed", time.time())
+        real_destroy(group)
+
+    dist.new_group = slow_new_group if rank == 1 else real_new_group
+    dist.destroy_process_group = timed_destroy if rank == 0 else real_destroy
+    try:
+        registry.ensure([partitions.dense(plan(world, tp=2), "tp", rank)])
+    finally:
+        dist.new_group, dist.destroy_process_group = real_new_group, real_destroy
+    registry.close()
+    return times
+
+
+def test_a_holder_destroys_its_duplicate_only_after_every_member_made_theirs():
+    # gloo connects a group eagerly: destroying rank 0's copy of [0, 1] while rank 1 is
+    # still creating its own breaks rank 1's creation ("connection closed by peer")
+    observed = run_ranks(_slow_duplicate_world, WORLD, timeout=DEADLINE)
+    assert observed[0]["destroyed"] >= observed[1]["made"]
