@@ -535,9 +535,9 @@ class GroupRegistry:
 
     def _create_keeping(self, p: Partition) -> Optional[Any]:
         """Enter every group of ``p`` (all-ranks loop); a rank that already holds its group
-        keeps that one and destroys the fresh duplicate (never used, so local)."""
+        keeps that one and destroys the fresh duplicate once its members made theirs."""
         held = self.lookup(p.own, p.channel) if p.own is not None else None
-        if held is None:
+        if held is None or p.own is None:
             return self._create(p, "new_group")
         duplicate = self._strategy("new_group").create(p)
         if duplicate is not None and duplicate is not held and _torch.is_live(duplicate):
