@@ -1,18 +1,22 @@
-"""What the cross-rank agreement costs: store operations per rank and one round at 16,384 ranks.
+"""What the cross-rank agreement costs: store operations per rank and one round at 16,384 and
+131,072 simulated ranks, beside PyTorch's own store-based barrier through the same server.
 
 Every first-time group request agrees through the default store (``verify_plan=True``,
-the default on real backends); ``verify_plan=False`` is the opt-out. This measures
-what the opt-out saves:
+the default on real backends). This measures:
 
-* the store operations one rank makes in one successful round (counted, exact);
-* the wall time of one round for 16,384 simulated ranks against a real ``TCPStore``
-  served by this process: ``--clients`` processes each play a slice of the ranks,
-  joining the round one rank after another, then settling and concluding it. All
-  ranks' operations go through the one store server, as in a real job, so the time
-  is the server's serialized work for a round (a real job's ranks do not wait for
-  each other's client round trips, so this is an upper bound for the same server).
+* the store operations of each rank in one round where every rank agrees, and in one
+  where a fact differs (the counting round runs too), counted exactly over 8 ranks;
+* the wall time of one round of N simulated ranks against a real ``TCPStore`` served by
+  this process: ``--clients`` processes each play a slice of the ranks, first joining
+  the round for each of its ranks (operations 1-2), then finishing it (3-4; the last to
+  arrive first). Every operation goes through the one store server, as in a real job,
+  so the time is the server's serialized work plus the clients' round trips;
+* the same for PyTorch's ``_store_based_barrier`` operation sequence (add, add, the last
+  sets a key, wait), the cheapest thing any rank of a job does through that store;
+* targets: one round in at most 1 s at 16,384 ranks and 10 s at 131,072 (PASS/FAIL), with
+  the machine's load average printed beside them.
 
-Run: ``.venv/bin/python benchmarks/bench_agreement.py [--ranks 16384] [--clients 2]``.
+Run: ``.venv/bin/python benchmarks/bench_agreement.py [--ranks 16384 131072] [--clients 2]``.
 """
 
 from __future__ import annotations
@@ -22,103 +26,133 @@ import datetime
 import multiprocessing
 import os
 import sys
+import threading
 import time
 from typing import Any, Dict, List
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-# What a registry batch of one partition (groups of 8 ranks) publishes with member-only creation.
-FACTS = {"reuse": "0", "seq": "0", "fresh": "1"}
+# What a registry batch with member-only creation publishes (facts; the grouped salt follows from them).
+FACTS = {"reuse": "0", "seq": "0", "naming": "1", "apart": "1", "fresh": "1", "salt": "3"}
 GROUP_SIZE = 8
+TARGETS_S = {16384: 1.0, 131072: 10.0}
 
 
 def grouped(rank: int) -> Dict[str, Any]:
-    """The batch's grouped fact: this rank's group (its smallest rank) and its group count."""
-    return {"held/0": (str(rank - rank % GROUP_SIZE), "3")}
+    """The batch's grouped fact: this rank's group (its smallest rank) and its salt."""
+    return {"salt/0": (str(rank - rank % GROUP_SIZE), "3")}
 
 
 class _Counting:
-    """A store proxy that counts calls (for the per-rank operation count)."""
+    """A store proxy that counts calls per thread (each thread plays one rank)."""
 
     def __init__(self, store: Any) -> None:
-        self._store, self.calls = store, 0
+        self._store, self.calls, self._lock = store, {}, threading.Lock()
 
     def __getattr__(self, name: str) -> Any:
         attr = getattr(self._store, name)
-        if not callable(attr):
-            return attr
 
         def counted(*args: Any, **kwargs: Any) -> Any:
-            self.calls += 1
+            with self._lock:
+                who = threading.current_thread().name
+                self.calls[who] = self.calls.get(who, 0) + 1
             return attr(*args, **kwargs)
 
         return counted
 
 
-def ops_per_rank() -> int:
-    """Store operations of one rank in a successful 1-rank round with the registry's facts."""
+def ops_per_rank(world: int = 8, differ: bool = False) -> List[int]:
+    """Store operations of each of ``world`` ranks (threads) in one round, sorted."""
     import torch.distributed as dist
 
     from mpu_bridge.agreement import agree
 
     store = _Counting(dist.HashStore())
-    agree(store, rank=0, world_size=1, digest="d" * 40, summary="s", facts=FACTS, timeout=10,
-          grouped=grouped(0))
-    return store.calls
+
+    def rank_main(rank: int) -> None:
+        facts = dict(FACTS, seq=str(rank % 2)) if differ else FACTS
+        agree(store, rank=rank, world_size=world, digest="d" * 40, summary="s", facts=facts, timeout=30,
+              grouped=grouped(rank))
+
+    threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sorted(store.calls.values())
 
 
-def _client(port: int, ranks: List[int], world: int, namespace: str, out: Any) -> None:
+def _agreement_client(port: int, ranks: List[int], world: int, namespace: str, out: Any) -> None:
     import torch.distributed as dist
 
-    from mpu_bridge.agreement import _conclude, _join, _settle
+    from mpu_bridge.agreement import _finish, _join, _Seat
 
-    store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=datetime.timedelta(seconds=600))
+    store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=datetime.timedelta(seconds=900))
     start = time.perf_counter()
-    seats = [_join(store, namespace, r, world, "d" * 40, "summary", FACTS, grouped(r)) for r in ranks]
-    deadline = time.monotonic() + 600
-    # The last to arrive settles the round; in one process it must go first.
-    for seat, arrived in sorted(seats, key=lambda item: -item[1]):
-        _conclude(store, seat, _settle(store, seat, arrived, deadline), 600.0)
+    seats = [_Seat(namespace, r, world, "d" * 40, "summary", FACTS, grouped(r), 900.0) for r in ranks]
+    joined = [(seat, _join(store, seat)) for seat in seats]
+    deadline = time.monotonic() + 900
+    # The last to arrive writes the outcome; in one process it must go first.
+    for seat, j in sorted(joined, key=lambda item: -(item[1].arrival % item[1].scale)):
+        _finish(store, seat, j, deadline)
     out.put(time.perf_counter() - start)
 
 
-def round_seconds(world: int, clients: int) -> Dict[str, float]:
-    """Wall time of one agreement round of ``world`` simulated ranks over ``clients`` processes."""
+def _barrier_client(port: int, ranks: List[int], world: int, namespace: str, out: Any) -> None:
+    """PyTorch's ``_store_based_barrier`` sequence per rank: add, add (count), the last sets
+    the key everyone waits for, wait."""
+    import torch.distributed as dist
+
+    store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=datetime.timedelta(seconds=900))
+    key, last = f"{namespace}/barrier", f"{namespace}/barrier:last_worker"
+    start = time.perf_counter()
+    for _ in ranks:
+        store.add(key, 1)
+        if int(store.add(key, 0)) == world:
+            store.set(last, "1")
+    for _ in ranks:
+        store.wait([last], datetime.timedelta(seconds=900))
+    out.put(time.perf_counter() - start)
+
+
+def round_seconds(target: Any, world: int, clients: int) -> float:
+    """Wall time of one round of ``world`` simulated ranks over ``clients`` processes."""
     import torch.distributed as dist
 
     server = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
-                           timeout=datetime.timedelta(seconds=600))
+                           timeout=datetime.timedelta(seconds=900))
     ctx = multiprocessing.get_context("spawn")
     out = ctx.Queue()
     slices = [list(range(c, world, clients)) for c in range(clients)]
     namespace = f"bench/{time.time_ns()}"
-    procs = [ctx.Process(target=_client, args=(server.port, s, world, namespace, out)) for s in slices]
-    start = time.perf_counter()
+    procs = [ctx.Process(target=target, args=(server.port, s, world, namespace, out)) for s in slices]
     for p in procs:
         p.start()
-    times = [out.get(timeout=900) for _ in procs]
-    wall = time.perf_counter() - start
+    times = [out.get(timeout=1800) for _ in procs]
     for p in procs:
         p.join()
-    return {"wall_s": wall, "slowest_client_s": max(times)}
+    return max(times)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--ranks", type=int, default=16384)
+    parser.add_argument("--ranks", type=int, nargs="+", default=[16384, 131072])
     parser.add_argument("--clients", type=int, default=2)
     args = parser.parse_args()
-    ops = ops_per_rank()
-    print(f"store operations per rank in one successful round: {ops} for the group's first member, "
-          f"{ops - 1} for the others (with verify_plan=False: 0)")
-    result = round_seconds(args.ranks, args.clients)
-    total = ops * args.ranks - args.ranks + args.ranks // GROUP_SIZE
-    print(
-        f"one round, {args.ranks} simulated ranks over {args.clients} client processes: "
-        f"{result['wall_s']:.2f} s wall (slowest client {result['slowest_client_s']:.2f} s), "
-        f"{total} store operations, {total / result['slowest_client_s']:.0f} ops/s through one TCPStore; "
-        f"per first-time request (with verify_plan=False: 0 s)"
-    )
+    same, differ = ops_per_rank(), ops_per_rank(differ=True)
+    print(f"store operations per rank, one round of 8 ranks: every rank agrees {min(same)}-{max(same)} "
+          f"(the last to arrive {min(same)}); a fact differs {min(differ)}-{max(differ)} "
+          f"(with verify_plan=False: 0)")
+    print(f"machine: {os.cpu_count()} cores, load average before {os.getloadavg()[0]:.2f}; "
+          f"{args.clients} client processes playing the ranks, one TCPStore server")
+    print(f"{'ranks':>8} {'agreement round':>16} {'store barrier':>14} {'ratio':>6} {'target':>7}  verdict  load")
+    for world in args.ranks:
+        ours = round_seconds(_agreement_client, world, args.clients)
+        barrier = round_seconds(_barrier_client, world, args.clients)
+        target = TARGETS_S.get(world)
+        verdict = "-" if target is None else ("PASS" if ours <= target else "FAIL")
+        print(f"{world:>8} {ours:>14.2f} s {barrier:>12.2f} s {ours / barrier:>6.2f} "
+              f"{'-' if target is None else f'{target:g} s':>7}  {verdict:<7}  {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":

@@ -2,42 +2,45 @@
 
 Before any rank creates a process group, every rank publishes a *digest* of what it
 is about to create (plus a few *facts* about its own state) and waits until all
-ranks have done so. Then every rank knows, from the same final counters, whether
-all digests are equal and which facts were unanimous, and all ranks reach the
-same decision: go ahead, or raise the same error. No rank is left behind in a
+ranks have done so. Then every rank reaches the same decision from the same final
+numbers: go ahead, or raise the same error. No rank is left behind in a
 ``new_group`` that the others never enter.
 
-Cost in the success path: O(1) store operations per rank, whatever the world size
-(one record, one counter per digest and per fact, one arrival counter, one wait on
-a key the last rank sets). Only an error or a disagreement reads every rank's
-record, and then on a single *reporting* rank that publishes the result for the
-others (O(world) in total, not per rank).
+One round, when every rank publishes the same plan and facts (the common case), is
+four store operations per rank, three on the last to arrive, whatever the world size:
 
-Consistency: the round ends through one atomic ``compare_set`` on the round's
-``done`` key. The last rank to arrive writes ``ok``; a rank whose wait times out
-tries to write ``timeout``. Whichever lands first is what every rank reads, so a
-rank arriving just after the deadline raises too instead of creating groups alone.
+1. ``compare_set(h, "", mine)``: the first rank to arrive writes its plan-and-facts
+   text ``mine``; every other rank gets that text back and compares it with its own.
+2. ``add(a, 1 + (world + 1) * differs)``: the arrival, and whether this rank differs
+   from the first, in one counter (arrivals in the low digit, differing ranks above).
+3. The last to arrive (arrivals == world) knows the final count and writes the
+   outcome, ``ok`` or ``differ``, with one atomic ``compare_set`` on ``done``; the
+   others ``wait`` for ``done`` ...
+4. ... and read it (a ``compare_set`` that never writes).
 
-Rounds and epochs (why one rank's missed call cannot shift every later round):
-rounds are numbered per *epoch*. ``epoch`` is one shared counter; ``rounds/<epoch>/<rank>``
-counts the rounds a rank has joined in it, so round ``n`` of an epoch is every
-rank's ``n``-th agreement since the epoch began. A round that fails (the plans
-differ, or a rank did not arrive in time) ends its epoch: every rank that saw the
-failure moves the shared counter on (one atomic ``compare_set``) *before* it
-raises, so each rank's next round -- including a rank that skipped the failed one
--- starts at round 1 of the new epoch. Once the ranks are back in step (a barrier,
-then identical calls) they agree again.
+A difference is therefore known on every rank as soon as the last rank arrives, not
+after a timeout. Then every rank runs a *counting round* (:mod:`mpu_bridge.tally`:
+records and a counter per value, a few more operations per rank) that says exactly
+which facts differ and, when the plans differ, raises :class:`PlanMismatchError` on
+every rank with a message naming the ranks of each plan.
 
-Grouped facts: a value that only the members of one group must share (the salt
-PyTorch will hash into the group's name on each member, say) is published as
-``(group id, value)``; the first member to publish a pair also counts it in the
-round's ``distinct`` counter for that name, so after the round every rank reads how
-many distinct pairs there were: the number of groups exactly when the members of
-every group reported the same value. One more store operation per name per rank (two
-on the first member of a pair); the distinct counters are read with the others.
+Timeouts: a rank whose wait expires tries to write ``timeout`` to ``done``; the first
+``compare_set`` wins, so a rank arriving just after the deadline raises too instead of
+creating groups alone. The ranks that saw the timeout mark the round *ended* and say
+they were there, and each names the ranks that never said so.
 
-Store layout (all under ``mpu_bridge/agree/``): ``epoch``; ``rounds/<epoch>/<rank>``;
-the keys of round ``n`` live under ``<epoch>.<n>/``.
+Rounds: each rank numbers its agreements through a store (per namespace) 1, 2, 3 ...
+in this process (round ``n`` is every rank's ``n``-th agreement), kept beside the store
+object, which lives as long as the world it serves. A rank that joins a round that has
+ended without it (it skipped a call, or was too slow) moves on to its next round
+number, so once the ranks are back in step (a barrier, then identical calls) they
+agree again. Grouped facts (a value only the members of one group must share) are
+counted only in the counting round: the caller's facts must determine them (the
+registry publishes the salt and the reuse votes the grouped salts follow from), so
+when every fact is unanimous every group's members agree.
+
+Store keys of round ``n``: ``<namespace>/<n>/{h,a,done,p/<rank>,pc}``, and the counting
+round's under ``<namespace>/<n>/s/``. A round leaves three keys, not one per rank.
 
 Example (every rank)::
 
@@ -48,15 +51,17 @@ Example (every rank)::
 
 from __future__ import annotations
 
-import datetime
-import hashlib
 import json
 import logging
+import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
+from . import tally
 from .errors import GroupCreationError, PlanMismatchError
+from .tally import Table
 from .text import format_ranks
 from .validate import seconds
 
@@ -67,59 +72,11 @@ logger = logging.getLogger(__name__)
 #: Store prefix of every agreement key.
 NAMESPACE = "mpu_bridge/agree"
 
-_OK = "ok"
-_MAX_VALUE_IN_KEY = 64
-_MAX_SUMMARY = 600
-_MULTI_GET_CHUNK = 4096
-
-
-def _value_key(value: str) -> str:
-    """A store-key-safe form of a fact value: itself if short, else its hash."""
-    if len(value) <= _MAX_VALUE_IN_KEY and "/" not in value:
-        return value
-    return "h" + hashlib.sha1(value.encode("utf-8")).hexdigest()
-
-
-@dataclass(frozen=True)
-class Table:
-    """Every rank's answer, grouped: which ranks planned what, and which held which fact values.
-
-    ``plans`` is ``((ranks, digest, summary), ...)`` and ``facts[name]`` is
-    ``((ranks, value), ...)``, each sorted by its smallest rank, so every rank
-    builds the same messages from it.
-    """
-
-    plans: Tuple[Tuple[Tuple[int, ...], str, str], ...]
-    facts: Mapping[str, Tuple[Tuple[Tuple[int, ...], str], ...]]
-
-    def describe_plans(self) -> str:
-        """``ranks [0, 1] planned <A>; ranks [2, 3] planned <B>``."""
-        return "; ".join(
-            f"ranks {format_ranks(ranks)} planned {summary}" for ranks, _, summary in self.plans
-        )
-
-    def describe_fact(self, name: str) -> str:
-        """``ranks [0, 1] have 5; ranks [2, 3] have 4`` for one fact."""
-        return "; ".join(
-            f"ranks {format_ranks(ranks)} have {value}" for ranks, value in self.facts.get(name, ())
-        )
-
-    @classmethod
-    def from_json(cls, text: str) -> "Table":
-        raw = json.loads(text)
-        plans = tuple((tuple(r), d, s) for r, d, s in raw["plans"])
-        facts = {
-            name: tuple((tuple(r), v) for r, v in entries) for name, entries in raw["facts"].items()
-        }
-        return cls(plans=plans, facts=facts)
-
-    def to_json(self) -> str:
-        return json.dumps(
-            {
-                "plans": [[list(r), d, s] for r, d, s in self.plans],
-                "facts": {n: [[list(r), v] for r, v in e] for n, e in self.facts.items()},
-            }
-        )
+_DIFFER = "differ"
+_TIMEOUT = "timeout"
+_ENDED = "\x00ended"
+#: How long the ranks that saw a timeout wait for each other to say they were there.
+_PRESENCE_GRACE_S = 2.0
 
 
 @dataclass
@@ -133,143 +90,36 @@ class Agreement:
     """
 
     round: int
-    epoch: int
     rank: int
     world_size: int
     facts: Mapping[str, str]
     unanimous: Mapping[str, bool]
-    _store: Any = field(repr=False)
-    _prefix: str = field(repr=False)
-    _timeout: float = field(repr=False)
+    distinct: Mapping[str, Optional[int]] = field(default_factory=dict)
+    _store: Any = field(default=None, repr=False)
+    _prefix: Optional[str] = field(default=None, repr=False)  # the counting round's, if it ran
+    _timeout: float = field(default=60.0, repr=False)
     _table: Optional[Table] = field(default=None, repr=False)
-    distinct: Mapping[str, int] = field(default_factory=dict)
 
     def is_unanimous(self, name: str) -> bool:
         """Whether every rank reported the same value of fact ``name`` (True for unknown facts)."""
         return self.unanimous.get(name, True)
 
-    def distinct_pairs(self, name: str) -> int:
-        """How many distinct ``(group id, value)`` pairs the ranks published for grouped
-        fact ``name``: the number of groups exactly when each group's members agree."""
-        return self.distinct[name]
+    def groups_agree(self, name: str, groups: int) -> bool:
+        """Whether the members of each of the ``groups`` groups of grouped fact ``name``
+        published one value (always, when every fact was unanimous; see the module docstring)."""
+        distinct = self.distinct.get(name)
+        return distinct is None or distinct == groups
 
     @property
     def all_unanimous(self) -> bool:
         return all(self.unanimous.values())
 
     def collect(self) -> Table:
-        """Every rank's plan and facts, grouped (O(world) store reads on one rank; collective)."""
-        if self._table is None:
-            self._table = _collect(self._store, self._prefix, self.rank, self.world_size, self._timeout)
+        """Every rank's plan and facts, grouped (O(world) store reads on one rank when they
+        differ, none when every rank published the same; collective)."""
+        if self._table is None:  # only the counting round leaves it unset, with its prefix
+            self._table = tally.collect(self._store, str(self._prefix), self.rank, self.world_size, self._timeout)
         return self._table
-
-
-def _wait(store: Any, key: str, seconds: float) -> bool:
-    """Wait up to ``seconds`` for ``key``; False on timeout (a store error other than that raises)."""
-    if seconds <= 0:
-        return bool(store.check([key]))
-    try:
-        store.wait([key], datetime.timedelta(seconds=seconds))
-        return True
-    except RuntimeError as exc:  # DistStoreError (a RuntimeError) on timeout
-        if store.check([key]):
-            return True
-        if "timeout" in str(exc).lower() or "timed out" in str(exc).lower():
-            return False
-        raise
-
-
-def _missing_ranks(store: Any, prefix: str, world_size: int) -> List[int]:
-    """Ranks whose record is absent, found by halving: O(missing · log world) ``check`` calls."""
-    missing: List[int] = []
-    stack = [(0, world_size)]
-    while stack:
-        lo, hi = stack.pop()
-        keys = [f"{prefix}/r/{r}" for r in range(lo, hi)]
-        if store.check(keys):
-            continue
-        if hi - lo == 1:
-            missing.append(lo)
-            continue
-        mid = (lo + hi) // 2
-        stack.append((mid, hi))
-        stack.append((lo, mid))
-    return sorted(missing)
-
-
-def _read_records(store: Any, prefix: str, world_size: int) -> List[Dict[str, Any]]:
-    keys = [f"{prefix}/r/{r}" for r in range(world_size)]
-    values: List[bytes] = []
-    multi_get = getattr(store, "multi_get", None)
-    for start in range(0, len(keys), _MULTI_GET_CHUNK):
-        chunk = keys[start : start + _MULTI_GET_CHUNK]
-        if multi_get is not None:
-            try:
-                values.extend(multi_get(chunk))
-                continue
-            except (RuntimeError, NotImplementedError):
-                multi_get = None
-        values.extend(store.get(k) for k in chunk)
-    return [json.loads(v.decode("utf-8")) for v in values]
-
-
-def _build_table(records: List[Dict[str, Any]]) -> Table:
-    plans: Dict[Tuple[str, str], List[int]] = {}
-    facts: Dict[str, Dict[str, List[int]]] = {}
-    for r, rec in enumerate(records):
-        plans.setdefault((rec["d"], rec["s"]), []).append(r)
-        for name, value in rec["f"].items():
-            facts.setdefault(name, {}).setdefault(value, []).append(r)
-    plan_rows = sorted(((tuple(rs), d, s) for (d, s), rs in plans.items()), key=lambda x: x[0][0])
-    fact_rows = {
-        name: tuple(sorted(((tuple(rs), v) for v, rs in by_value.items()), key=lambda x: x[0][0]))
-        for name, by_value in sorted(facts.items())
-    }
-    return Table(plans=tuple(plan_rows), facts=fact_rows)
-
-
-def _collect(store: Any, prefix: str, rank: int, world_size: int, timeout: float) -> Table:
-    """One rank (the first to claim) reads every record and publishes the table; the rest wait."""
-    table_key = f"{prefix}/table"
-    if int(store.add(f"{prefix}/table_claim", 1)) == 1:
-        table = _build_table(_read_records(store, prefix, world_size))
-        store.set(table_key, table.to_json())
-        return table
-    if not _wait(store, table_key, timeout):
-        raise GroupCreationError(
-            f"rank {rank}: the rank collecting every rank's group plan did not publish it within "
-            f"{timeout:g} s (agreement_timeout); it may have died. Check the other ranks' logs."
-        )
-    return Table.from_json(store.get(table_key).decode("utf-8"))
-
-
-def _timeout_error(
-    rank: int, world_size: int, round_: str, timeout: float, outcome: Mapping[str, Any], missed: bool = False
-) -> GroupCreationError:
-    missing = outcome.get("missing")
-    if missing and rank in missing:
-        return GroupCreationError(
-            f"rank {rank}: this rank arrived too late: the other ranks gave up waiting for it after "
-            f"the agreement timeout of {timeout:g} s (agreement round {round_}; late ranks "
-            f"{format_ranks(missing)}). It was slower than the others or made a call they did not "
-            "make; bring the ranks back in step (e.g. a barrier), or raise agreement_timeout."
-        )
-    if missing:
-        who = f"ranks {format_ranks(missing)} of {world_size} never arrived"
-    else:
-        who = f"not all {world_size} ranks arrived (which ones could not be determined)"
-    return GroupCreationError(
-        f"rank {rank}: group creation did not start: the ranks did not agree on a plan within "
-        f"the agreement timeout of {timeout:g} s: {who} (agreement round {round_}). A missing rank "
-        "crashed, raised before creating its groups, or made a different sequence of group "
-        "requests; fix that rank (see its log), or raise agreement_timeout if it is merely slow."
-        + (
-            " Note: this rank itself missed an earlier round that the other ranks gave up on (it was "
-            "slower than them, or skipped or added a call), so it may be the one out of step."
-            if missed
-            else ""
-        )
-    )
 
 
 def agree(
@@ -291,17 +141,19 @@ def agree(
     rank that arrived when some rank did not arrive in time (naming the missing ranks).
     ``facts`` (short strings) are compared too, but a disagreement there is reported
     in the result, not raised. ``grouped`` maps a name to this rank's ``(group id,
-    value)`` or None (a rank in no group); every rank passes the same names, and at
-    least one rank a pair for each (see the module docstring). Example::
+    value)`` or None (a rank in no group), values that ``facts`` determine (see the
+    module docstring); every rank passes the same names. Example::
 
         agree(store, rank=0, world_size=4, digest=d, summary="ep[ep=2]", facts={"seq": "3"},
-              grouped={"salt/0": ("0", "5")}).distinct_pairs("salt/0")
+              grouped={"salt/0": ("0", "5")}).groups_agree("salt/0", 2)
     """
     if world_size < 1 or not 0 <= rank < world_size:
         raise GroupCreationError(f"rank {rank} is outside a world of {world_size} ranks")
     timeout = seconds("agreement_timeout", timeout, GroupCreationError)
+    clean = {str(k): str(v) for k, v in (facts or {}).items()}
+    pairs = {str(k): None if v is None else (str(v[0]), str(v[1])) for k, v in (grouped or {}).items()}
     try:
-        return _agree(store, rank, world_size, digest, summary, facts, timeout, namespace, grouped or {})
+        return _agree(store, _Seat(namespace, rank, world_size, digest, summary, clean, pairs, timeout))
     except RuntimeError as exc:  # the store itself failed (DistError and friends)
         raise GroupCreationError(
             f"rank {rank}: the default store failed while the ranks agreed on a group plan: "
@@ -311,156 +163,169 @@ def agree(
 
 @dataclass(frozen=True)
 class _Seat:
-    """One rank's place in one round: where its keys live and what it published."""
+    """What one rank brings to a round."""
 
     namespace: str
     rank: int
     world_size: int
-    epoch: int
-    round: int
-    missed: bool  # this rank had not seen the failure that began this epoch
     digest: str
+    summary: str
     facts: Mapping[str, str]
     grouped: Mapping[str, Optional[Tuple[str, str]]]
+    timeout: float
 
     @property
-    def prefix(self) -> str:
-        return f"{self.namespace}/{self.epoch}.{self.round}"
-
-    @property
-    def label(self) -> str:
-        return f"{self.epoch}.{self.round}"
+    def text(self) -> str:
+        """The plan-and-facts text compared with the first rank's (short: long values hashed)."""
+        return json.dumps([tally.value_key(self.digest),
+                           sorted((n, tally.value_key(v)) for n, v in self.facts.items())])
 
 
-def _join(store: Any, namespace: str, rank: int, world_size: int, digest: str, summary: str,
-          facts: Mapping[str, str], grouped: Mapping[str, Optional[Tuple[str, str]]]) -> Tuple[_Seat, int]:
-    """Take this rank's seat in its next round and publish its plan; returns (seat, arrivals).
+class _RoundBook:
+    """Each rank's next round number per store object and namespace, in this process.
 
-    The record goes first (so "record absent" means "never arrived"), then the counters,
-    then the arrival: when arrivals reach ``world_size``, every counter is final.
+    Round ``n`` must be every rank's ``n``-th agreement through the store; the count
+    lives beside the store object (weakly keyed), so a new world, with a new store,
+    starts at round 1, and ranks simulated by threads of one process count apart.
     """
-    epoch = int(store.add(f"{namespace}/epoch", 0))
-    # The last epoch this rank knew of: behind the shared one means it missed a failed round.
-    missed = int(store.add(f"{namespace}/seen/{rank}", 0)) < epoch
-    if missed:
-        store.set(f"{namespace}/seen/{rank}", str(epoch))
-    round_ = int(store.add(f"{namespace}/rounds/{epoch}/{rank}", 1))
-    seat = _Seat(namespace, rank, world_size, epoch, round_, missed, digest, facts, grouped)
-    store.set(f"{seat.prefix}/r/{rank}", json.dumps({"d": digest, "s": summary[:_MAX_SUMMARY], "f": facts}))
-    store.add(f"{seat.prefix}/d/{_value_key(digest)}", 1)
-    for name, value in facts.items():
-        store.add(f"{seat.prefix}/f/{name}/{_value_key(value)}", 1)
-    for name, pair in grouped.items():
-        if pair is not None:
-            group_id, value = pair
-            if int(store.add(f"{seat.prefix}/g/{name}/{_value_key(group_id)}/{_value_key(value)}", 1)) == 1:
-                store.add(f"{seat.prefix}/gd/{name}", 1)
-    return seat, int(store.add(f"{seat.prefix}/arrived", 1))
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._by_store: "weakref.WeakKeyDictionary[Any, Dict[Tuple[str, int], int]]" = weakref.WeakKeyDictionary()
+
+    def take(self, store: Any, namespace: str, rank: int) -> int:
+        """This rank's next round number (1, 2, ...)."""
+        with self._lock:
+            rounds = self._by_store.setdefault(store, {})
+            rounds[namespace, rank] = number = rounds.get((namespace, rank), 0) + 1
+            return number
 
 
-def _settle(store: Any, seat: _Seat, arrived: int, deadline: float) -> str:
-    """The round's outcome: ``ok`` (all arrived) or a timeout record, the same for every rank."""
-    done_key = f"{seat.prefix}/done"
-    if arrived == seat.world_size:
-        text = store.compare_set(done_key, "", _OK)
-    elif _wait(store, done_key, deadline - time.monotonic()):
-        text = store.get(done_key)
-    else:
-        text = _declare_timeout(store, seat.prefix, seat.world_size)
-    return text.decode("utf-8") if isinstance(text, bytes) else text
+#: The one round book of this process (see :class:`_RoundBook`).
+_BOOK = _RoundBook()
 
 
-def _conclude(store: Any, seat: _Seat, outcome_text: str, timeout: float) -> Agreement:
-    """Raise what every rank raises for this outcome, or return the agreement."""
-    if outcome_text != _OK:
-        _end_epoch(store, seat.namespace, seat.rank, seat.epoch)
-        raise _timeout_error(seat.rank, seat.world_size, seat.label, timeout, json.loads(outcome_text),
-                             seat.missed)
-    prefix, world_size = seat.prefix, seat.world_size
-    # Every counter is final once the round is ok; this rank created its own keys: read
-    # them all in one round trip where the store can.
-    names, grouped = list(seat.facts), list(seat.grouped)
-    counts = _counters(
-        store,
-        [f"{prefix}/d/{_value_key(seat.digest)}"]
-        + [f"{prefix}/f/{name}/{_value_key(seat.facts[name])}" for name in names]
-        + [f"{prefix}/gd/{name}" for name in grouped],
-    )
-    agreement = Agreement(
-        round=seat.round,
-        epoch=seat.epoch,
-        rank=seat.rank,
-        world_size=world_size,
-        facts=seat.facts,
-        unanimous={name: count == world_size for name, count in zip(names, counts[1:])},
-        _store=store,
-        _prefix=prefix,
-        _timeout=timeout,
-        distinct=dict(zip(grouped, counts[1 + len(names):])),
-    )
-    if counts[0] != world_size:
-        table = agreement.collect()
-        _end_epoch(store, seat.namespace, seat.rank, seat.epoch)
+@dataclass(frozen=True)
+class _Joined:
+    """This rank's place in a round, after its first two operations."""
+
+    number: int
+    prefix: str
+    arrival: int  # the arrival counter as this rank's add left it
+    scale: int  # world_size + 1: arrivals in the low digit, differing ranks above
+    missed: bool  # this rank skipped rounds that had ended without it
+
+
+def _agree(store: Any, seat: _Seat) -> Agreement:
+    deadline = time.monotonic() + seat.timeout
+    return _finish(store, seat, _join(store, seat), deadline)
+
+
+def _join(store: Any, seat: _Seat) -> _Joined:
+    """Operations 1 and 2: compare with the first rank's text, then arrive (see the module docstring)."""
+    mine, missed = seat.text, False
+    while True:
+        number = _BOOK.take(store, seat.namespace, seat.rank)
+        prefix = f"{seat.namespace}/{number}"
+        first = tally.text(store.compare_set(f"{prefix}/h", "", mine))
+        if first != _ENDED:
+            break
+        missed = True  # that round ended without this rank: the others have moved on
+    scale = seat.world_size + 1
+    arrival = int(store.add(f"{prefix}/a", 1 + scale * (first != mine)))
+    return _Joined(number, prefix, arrival, scale, missed)
+
+
+def _finish(store: Any, seat: _Seat, joined: _Joined, deadline: float) -> Agreement:
+    """Operations 3 and 4: the outcome, then the agreement or the error every rank raises."""
+    number, prefix, arrival, scale = joined.number, joined.prefix, joined.arrival, joined.scale
+    outcome, waited_out = _settle(store, prefix, arrival, scale, seat.world_size, deadline)
+    if outcome == tally.OK:
+        logger.debug("mpu-bridge: rank %d agreed on round %d (%s)", seat.rank, number, seat.summary[:120])
+        return Agreement(round=number, rank=seat.rank, world_size=seat.world_size, facts=seat.facts,
+                         unanimous={name: True for name in seat.facts},
+                         distinct={name: None for name in seat.grouped},
+                         _table=Table.unanimous(seat.world_size, seat.digest, seat.summary, seat.facts))
+    if outcome == _DIFFER:
+        return _counted(store, seat, number, deadline, joined.missed)
+    late = not waited_out and arrival % scale > _arrivals_when_declared(outcome)
+    raise _timed_out(store, seat, prefix, number, late, joined.missed)
+
+
+def _settle(store: Any, prefix: str, arrival: int, scale: int, world_size: int, deadline: float) -> Tuple[str, bool]:
+    """``(outcome, this rank's wait expired)``: ``ok``, ``differ`` or a timeout record, the same
+    for every rank (the last to arrive writes it, or a rank that gave up waiting does)."""
+    done = f"{prefix}/done"
+    if arrival % scale == world_size:
+        return tally.text(store.compare_set(done, "", tally.OK if arrival // scale == 0 else _DIFFER)), False
+    if tally.wait_for(store, done, deadline - time.monotonic()):
+        return tally.peek(store, done), False
+    arrived = int(store.add(f"{prefix}/a", 0)) % scale
+    return tally.text(store.compare_set(done, "", f"{_TIMEOUT}:{arrived}")), True
+
+
+def _arrivals_when_declared(outcome: str) -> int:
+    """How many ranks had arrived when the round was declared timed out."""
+    return int(outcome.partition(":")[2] or 0)
+
+
+def _counted(store: Any, seat: _Seat, number: int, deadline: float, missed: bool) -> Agreement:
+    """The counting round, after some rank differed from the first: exact flags, or the mismatch."""
+    prefix = f"{seat.namespace}/{number}/s"
+    counts = tally.count(store, prefix, rank=seat.rank, world_size=seat.world_size, digest=seat.digest,
+                         summary=seat.summary, facts=seat.facts, grouped=seat.grouped, deadline=deadline)
+    if counts.missing is not None:
+        store.set(f"{seat.namespace}/{number}/h", _ENDED)
+        raise _timeout_error(seat, number, counts.missing, late=seat.rank in counts.missing, missed=missed)
+    agreement = Agreement(round=number, rank=seat.rank, world_size=seat.world_size, facts=seat.facts,
+                          unanimous=counts.unanimous, distinct=counts.distinct, _store=store,
+                          _prefix=prefix, _timeout=seat.timeout)
+    if not counts.same_plan:
         raise PlanMismatchError(
-            f"ranks disagree on the process groups to create (agreement round {seat.label}, "
-            f"{world_size} ranks): {table.describe_plans()}. Every rank must request the same "
-            "groups (same sizes, same order of calls); fix the rank(s) that differ."
+            f"ranks disagree on the process groups to create (agreement round {number}, "
+            f"{seat.world_size} ranks): {agreement.collect().describe_plans()}. Every rank must "
+            "request the same groups (same sizes, same order of calls); fix the rank(s) that differ."
         )
-    if agreement.all_unanimous:
-        # Nobody will collect this round: drop this rank's record to keep the store small.
-        try:
-            store.delete_key(f"{prefix}/r/{seat.rank}")
-        except (RuntimeError, NotImplementedError):
-            pass
     return agreement
 
 
-def _counters(store: Any, keys: List[str]) -> List[int]:
-    """The values of counter ``keys`` (all present): one ``multi_get`` where the store has it."""
-    multi_get = getattr(store, "multi_get", None)
-    if multi_get is not None:
-        try:
-            return [int(v) for v in multi_get(keys)]
-        except (RuntimeError, NotImplementedError):
-            pass
-    return [int(store.add(key, 0)) for key in keys]
+def _timed_out(store: Any, seat: _Seat, prefix: str, number: int, late: bool, missed: bool) -> GroupCreationError:
+    """End the round (later joiners move on), say this rank was there, wait briefly for the
+    other ranks that arrived to say so too, and name the ranks that did not."""
+    store.set(f"{prefix}/h", _ENDED)
+    store.set(f"{prefix}/p/{seat.rank}", "1")
+    present = int(store.add(f"{prefix}/pc", 1))
+    scale = seat.world_size + 1
+    end = time.monotonic() + min(seat.timeout, _PRESENCE_GRACE_S)
+    while present < int(store.add(f"{prefix}/a", 0)) % scale and time.monotonic() < end:
+        time.sleep(0.02)
+        present = int(store.add(f"{prefix}/pc", 0))
+    return _timeout_error(seat, number, tally.missing_ranks(store, f"{prefix}/p", seat.world_size), late, missed)
 
 
-def _agree(
-    store: Any,
-    rank: int,
-    world_size: int,
-    digest: str,
-    summary: str,
-    facts: Optional[Mapping[str, str]],
-    timeout: float,
-    namespace: str,
-    grouped: Mapping[str, Optional[Tuple[str, str]]],
-) -> Agreement:
-    deadline = time.monotonic() + timeout
-    clean = {str(k): str(v) for k, v in (facts or {}).items()}
-    pairs = {str(k): None if v is None else (str(v[0]), str(v[1])) for k, v in grouped.items()}
-    seat, arrived = _join(store, namespace, rank, world_size, digest, summary, clean, pairs)
-    agreement = _conclude(store, seat, _settle(store, seat, arrived, deadline), timeout)
-    logger.debug("mpu-bridge: rank %d agreed on round %s (%s)", rank, seat.label, summary[:120])
-    return agreement
-
-
-def _end_epoch(store: Any, namespace: str, rank: int, epoch: int) -> None:
-    """Move the shared epoch from ``epoch`` to ``epoch + 1`` (a no-op if another rank did),
-    and note that this rank saw it end."""
-    store.compare_set(f"{namespace}/epoch", str(epoch), str(epoch + 1))
-    store.set(f"{namespace}/seen/{rank}", str(epoch + 1))
-
-
-def _declare_timeout(store: Any, prefix: str, world_size: int) -> bytes:
-    """End the round as timed out, naming the ranks that never arrived; returns whatever
-    outcome won (it may be ``ok``, if the last rank arrived meanwhile).
-
-    Every rank that timed out names the missing ranks itself (O(missing · log world)
-    store checks, on the error path only) and tries to settle the round; the first
-    ``compare_set`` wins and every rank reads the same outcome.
-    """
-    missing = _missing_ranks(store, prefix, world_size)
-    text = json.dumps({"status": "timeout", "missing": missing})
-    return store.compare_set(f"{prefix}/done", "", text)
+def _timeout_error(seat: _Seat, number: int, missing: List[int], late: bool, missed: bool) -> GroupCreationError:
+    rank, world_size, timeout = seat.rank, seat.world_size, seat.timeout
+    if late:
+        return GroupCreationError(
+            f"rank {rank}: this rank arrived too late: the other ranks gave up waiting for it after "
+            f"the agreement timeout of {timeout:g} s (agreement round {number}"
+            + (f"; ranks {format_ranks(missing)} were not there" if missing else "")
+            + "). It was slower than the others or made a call they did not make; bring the ranks "
+            "back in step (e.g. a barrier), or raise agreement_timeout."
+        )
+    if missing:
+        who = f"ranks {format_ranks(missing)} of {world_size} never arrived"
+    else:
+        who = f"not all {world_size} ranks arrived (which ones could not be determined)"
+    return GroupCreationError(
+        f"rank {rank}: group creation did not start: the ranks did not agree on a plan within "
+        f"the agreement timeout of {timeout:g} s: {who} (agreement round {number}). A missing rank "
+        "crashed, raised before creating its groups, or made a different sequence of group "
+        "requests; fix that rank (see its log), or raise agreement_timeout if it is merely slow."
+        + (
+            " Note: this rank itself missed an earlier round that the other ranks gave up on (it was "
+            "slower than them, or skipped or added a call), so it may be the one out of step."
+            if missed
+            else ""
+        )
+    )

@@ -155,6 +155,47 @@ class Bridge(BridgeBase):
                 raise self._refuse(self._live(), label, BridgeError(str(exc.args[0]))) from None
             return self._group(spec, ep_size, label)
 
+    def prepare(
+        self, kinds: Sequence[str] = (), *, expert_sizes: Sequence[int] = (), embedding: bool = False
+    ) -> int:
+        """Make the groups a trainer will ask for in one agreement round; returns how many
+        requests were new (0: nothing to do, and no round).
+
+        ``kinds``: names of the kind table (as :meth:`group`); expert kinds for the
+        bridge's own experts and for each of ``expert_sizes``, which also prepares
+        :meth:`expert_groups` per size; ``embedding``: :meth:`embedding_groups`. Later
+        calls of those getters answer from the cache, locally. Collective, like every
+        group request: every rank passes the same arguments. Example:
+        ``bridge.prepare(["tp-cp", "dp-cp"], expert_sizes=[2]); bridge.group("tp-cp")``.
+        """
+        label = f"prepare({list(kinds)!r}, expert_sizes={list(expert_sizes)!r}, embedding={embedding!r})"
+        with self._lock:
+            state = self._live()
+            try:
+                if isinstance(kinds, str) or not isinstance(kinds, (list, tuple)):
+                    raise BridgeError(f"kinds must be a list of kind names, got {kinds!r}")
+                if isinstance(expert_sizes, str) or not isinstance(expert_sizes, (list, tuple)):
+                    raise BridgeError(f"expert_sizes must be a list of sizes, got {expert_sizes!r}")
+                specs = [kind_named(k) if isinstance(k, str) else kind_named(repr(k)) for k in kinds]
+                sizes = [positive_int("ep_size", size) for size in expert_sizes]
+                with_embedding = boolean("embedding", embedding, LayoutError)
+            except KeyError as exc:
+                raise self._refuse(state, label, BridgeError(str(exc.args[0]))) from None
+            except BridgeError as exc:
+                raise self._refuse(state, label, exc) from None
+
+            def asks() -> None:
+                for spec in specs:
+                    self._group(spec, None, label)
+                    for size in sizes if spec.grid == "expert" else ():
+                        self._group(spec, size, label)
+                for size in sizes:
+                    self.expert_groups(size)
+                if with_embedding:
+                    self.embedding_groups()
+
+            return self._batched(label, asks)
+
     def _group(self, spec: Kind, ep_size: Optional[int], label: str) -> GroupInfo:
         """The one request path of :meth:`group` and the dense getters (one answer per kind)."""
         if ep_size is None or spec.grid != "expert":  # answered before, or the MPU's own: never waits

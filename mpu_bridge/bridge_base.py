@@ -19,7 +19,7 @@ from __future__ import annotations
 import datetime
 import logging
 import threading
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, TypeVar, Union
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, TypeVar, Union, cast
 
 import torch.distributed as dist
 
@@ -37,6 +37,15 @@ __all__ = ["BridgeBase"]
 logger = logging.getLogger(__name__)
 _T = TypeVar("_T")
 _B = TypeVar("_B", bound="BridgeBase")
+
+
+class _Ask(NamedTuple):
+    """One request of :meth:`BridgeBase._request`: its cache key, label, partitions and answer."""
+
+    key: str
+    label: str
+    families: Callable[[State], Sequence[Tuple[str, Partition]]]
+    finish: Callable[[State, List[Any]], Any]
 
 
 class BridgeBase:
@@ -91,6 +100,7 @@ class BridgeBase:
         self._default_group = _torch.default_group()
         self._closed = False
         self._warned_clamp: set = set()
+        self._collecting: Optional[List[_Ask]] = None  # requests noted by _batched, under the lock
         self._state: Union[State, Broken] = self._build_state()
 
     def _build_state(self) -> State:
@@ -174,23 +184,49 @@ class BridgeBase:
 
         ``families`` computes the partitions (pure; an input error there is shared
         with the other ranks through the registry before it is raised), the registry
-        agrees and creates, ``finish`` builds the answer from the group infos.
+        agrees and creates, ``finish`` builds the answer from the group infos. While
+        :meth:`_batched` collects, the request is only noted (and None returned).
         """
         cached = self._view().answers.get(key)  # asking again is local: no lock, no wait
         if cached is not None:
             return cached
         with self._lock:
-            state = self._live()
-            if key in state.answers:
-                return state.answers[key]
+            if self._collecting is not None:
+                self._collecting.append(_Ask(key, label, families, finish))
+                return cast(_T, None)
+            self._answer_all([_Ask(key, label, families, finish)], label)
+            return cast(_T, self._live().answers[key])
+
+    def _batched(self, label: str, asks: Callable[[], None]) -> int:
+        """Run ``asks`` (getter calls) collecting their requests, then make every new one in
+        one registry batch: one agreement round. Returns how many requests were new."""
+        with self._lock:
+            collected: List[_Ask] = []
+            self._collecting = collected
             try:
-                named = list(families(state))
-            except BridgeError as exc:
-                state.registry.fail_round(exc, label)
-                raise
-            groups = state.registry.ensure([p for _, p in named], label=label)
+                asks()
+            finally:
+                self._collecting = None
+            return self._answer_all(collected, label)
+
+    def _answer_all(self, asks: Sequence["_Ask"], label: str) -> int:
+        """Make the answers to ``asks`` not made yet in one registry batch (collective)."""
+        state = self._live()
+        pending: Dict[str, _Ask] = {}
+        for ask in asks:
+            if ask.key not in state.answers:
+                pending.setdefault(ask.key, ask)
+        if not pending:
+            return 0
+        try:
+            named = [list(ask.families(state)) for ask in pending.values()]
+        except BridgeError as exc:
+            state.registry.fail_round(exc, label)
+            raise
+        groups = iter(state.registry.ensure([p for batch in named for _, p in batch], label=label))
+        for ask, batch in zip(pending.values(), named):
             infos: List[Optional[GroupInfo]] = []
-            for (name, part), group in zip(named, groups):
+            for (name, part), group in zip(batch, groups):
                 if part.own is None and not part.covers(self.world_size):
                     infos.append(None)  # a family that leaves this rank out (embedding groups)
                     continue
@@ -198,9 +234,8 @@ class BridgeBase:
                     raise BridgeError(f"rank {self.rank} is in no group of {part.key}")
                 infos.append(GroupInfo(name, group, part.own, part.own.index(self.rank),
                                        state.registry.is_borrowed(group)))
-            answer = finish(state, infos)
-            state.answers[key] = answer
-            return answer
+            state.answers[ask.key] = ask.finish(state, infos)
+        return len(pending)
 
     def _refuse(self, state: State, label: str, exc: BridgeError) -> BridgeError:
         """Share an input error found before :meth:`_request` with the other ranks; return it."""

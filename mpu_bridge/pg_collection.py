@@ -258,6 +258,8 @@ def collection_groups(
     reader = bridge.reader
     ordered = tuple(f for f in FIELDS if f in needs)
     out = _from_mpu(bridge, reader.mpu, ordered) if reader is not None else {}
+    held = getattr(reader.mpu, "all_gather_groups", {}) if reader is not None else {}
+    bridge.prepare(_kinds_to_make(bridge, ordered, out, held, all_gather))  # one agreement round
     for field in ordered:
         if field in out or field in ALL_GATHER_FIELDS or field in ("embd", "pos_embd"):
             continue
@@ -276,7 +278,6 @@ def collection_groups(
         embd, pos = _embedding_groups(bridge)
         out.setdefault("embd", embd)
         out.setdefault("pos_embd", pos)
-    held = getattr(reader.mpu, "all_gather_groups", {}) if reader is not None else {}
     for field in ALL_GATHER_FIELDS:
         if field in needs:  # last: their own communicators, created only when asked for (or a collection's own)
             own = held.get(field)
@@ -284,6 +285,28 @@ def collection_groups(
                 _check_held(bridge, field, own)
             out[field] = own or (_all_gather_group(bridge, field) if all_gather else None)
     return {field: out[field] for field in wanted}
+
+
+def _kinds_to_make(
+    bridge: "Bridge", ordered: Tuple[str, ...], out: Mapping[str, Any], held: Mapping[str, Any], all_gather: bool
+) -> List[str]:
+    """The kinds :func:`collection_groups` asks the bridge for, in its order: every field's the
+    MPU did not answer, except the embedding groups (they leave ranks out: asked for apart,
+    after these, so every covering rank set is registered first)."""
+    kinds: List[str] = []
+    for field in ordered:
+        if field in out or field in ("embd", "pos_embd", "hcp", "inter_dist_opt", "intra_dist_opt"):
+            continue
+        if field in ALL_GATHER_FIELDS:
+            if all_gather and held.get(field) is None and not (field == "expt_dp_ag" and bridge.layout.config.ep == 1):
+                kinds.append(FIELD_KINDS[field])
+        elif field == "intra_dp_cp" or field == "intra_expt_dp":
+            twin = "dp_cp" if field == "intra_dp_cp" else "expt_dp"
+            if twin not in out:
+                kinds.append("dp-cp" if field == "intra_dp_cp" else "edp")
+        elif field in FIELD_KINDS:
+            kinds.append(FIELD_KINDS[field])
+    return list(dict.fromkeys(kinds))
 
 
 def _check_held(bridge: "Bridge", field: str, group: Any) -> None:

@@ -480,7 +480,7 @@ class GroupRegistry:
         else:
             reuse = planning.merge_votes(parts, result.collect().facts.get("reuse", ()))
         equal = all(
-            reused is not False or result.distinct_pairs(name) == p.num_groups
+            reused is not False or result.groups_agree(name, p.num_groups)
             for p, reused, name in zip(parts, reuse, grouped)
         )
         strategy, reason = planning.decide_strategy(
@@ -649,8 +649,9 @@ def _batch_facts(
     ``seq``: PyTorch's group counter (all-ranks names). For member-only creation also
     ``naming`` (this rank recognises PyTorch's member-only naming), ``apart`` (creating a
     member-only group provably leaves the counter alone here), ``fresh`` (no name about to
-    be used was used before) and, per partition, ``salt/<i>``: (this rank's group, the
-    salt it will name it with)."""
+    be used was used before), ``salt`` (the number PyTorch hashes into its next member-only
+    name) and, per partition, the grouped fact ``salt/<i>``: (this rank's group, the salt it
+    will name it with), which ``reuse`` and ``salt`` determine."""
     facts: Dict[str, str] = {"reuse": "".join(votes)}
     grouped: Dict[str, Optional[Tuple[str, str]]] = {}
     if strategy != "split_group":
@@ -660,6 +661,7 @@ def _batch_facts(
         facts["naming"] = "1" if naming.recognised else "0"
         facts["apart"] = "1" if naming.counter_apart else "0"
         names = []
+        facts["salt"] = str(naming.salt)  # with "reuse", determines every grouped salt below
         salts = planning.salts(votes, naming.salt if naming.salt is not None else -1)
         for i, (p, vote, salt) in enumerate(zip(parts, votes, salts)):
             grouped[f"salt/{i}"] = None if p.own is None else (str(p.own[0]), str(salt))

@@ -70,6 +70,57 @@ def test_rounds_count_per_rank_so_the_nth_call_meets_the_nth_call():
     assert [r.round for r in results] == [2, 2, 2]
 
 
+class CountingStore:
+    """A store that counts each simulated rank's operations (the rank is the thread's name)."""
+
+    def __init__(self, store: Any) -> None:
+        self._store = store
+        self.ops: Dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._store, name)
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            with self._lock:
+                who = threading.current_thread().name
+                self.ops[who] = self.ops.get(who, 0) + 1
+            return attr(*args, **kwargs)
+
+        return counted
+
+
+def test_a_round_where_every_rank_agrees_costs_at_most_four_store_operations_per_rank():
+    store = CountingStore(dist.HashStore())
+    facts = {r: {"reuse": "10", "seq": "7", "salt": "7"} for r in range(8)}
+    results = plans_round(store, {r: "A" for r in range(8)}, facts=facts)
+    assert all(r.all_unanimous for r in results)
+    # the last to arrive writes the outcome (3), the others wait for it and read it (4)
+    assert sorted(store.ops.values()) == [3] + [4] * 7
+
+
+def test_a_unanimous_round_leaves_three_keys_whatever_the_world_size():
+    for world in (2, 16):
+        store = dist.HashStore()
+        plans_round(store, {r: "A" for r in range(world)})
+        assert store.num_keys() == 3
+
+
+def test_a_mismatch_is_known_on_every_rank_when_the_last_rank_arrives_not_after_the_timeout():
+    # run_threads gives up (an AssertionError) after 30 s; the agreement timeout is 600 s
+    results = plans_round(dist.HashStore(), {0: "a", 1: "b", 2: "a"}, timeout=600.0)
+    assert all(isinstance(r, PlanMismatchError) for r in results)
+
+
+def test_a_rank_that_skipped_a_call_meets_the_others_again_once_back_in_step():
+    store = dist.HashStore()
+    with pytest.raises(GroupCreationError):  # rank 1 skipped this call
+        agree(store, rank=0, world_size=2, digest="A", summary="A", timeout=0.3)
+    # the next call on both ranks: rank 1 joins the round that ended without it, moves on
+    results = plans_round(store, {0: "B", 1: "B"})
+    assert [r.round for r in results] == [2, 2]
+
+
 def test_different_digests_raise_plan_mismatch_on_every_rank():
     results = plans_round(dist.HashStore(), {0: "ep2", 1: "ep2", 2: "ep4", 3: "ep4"})
     assert all(isinstance(r, PlanMismatchError) for r in results)
@@ -158,30 +209,44 @@ def test_a_differing_fact_is_reported_on_every_rank_without_raising():
     assert [r.is_unanimous("names") for r in results] == [False, False, False]
 
 
-def grouped_round(pairs: Dict[int, Any]) -> List[Any]:
-    """One round where rank r publishes grouped fact "held" as ``pairs[r]``."""
+def grouped_round(pairs: Dict[int, Any], salt: Dict[int, str]) -> List[Any]:
+    """One round where rank r publishes fact "salt" as ``salt[r]`` and grouped fact "held"
+    as ``pairs[r]`` (a value the facts determine, as agree() requires)."""
     store, world = dist.HashStore(), len(pairs)
     return run_threads(
         world,
         lambda rank: agree(store, rank=rank, world_size=world, digest="A", summary="A", timeout=10,
-                           grouped={"held": pairs[rank]}),
+                           facts={"salt": salt[rank]}, grouped={"held": pairs[rank]}),
     )
 
 
-def test_a_grouped_fact_counts_one_pair_per_group_when_each_groups_members_agree():
+def test_a_grouped_fact_agrees_when_each_groups_members_publish_one_value():
     # groups [0, 1] and [2, 3]; the groups differ from each other, their members do not
     pairs = {0: ("0", "5"), 1: ("0", "5"), 2: ("2", "6"), 3: ("2", "6")}
-    assert [r.distinct_pairs("held") for r in grouped_round(pairs)] == [2, 2, 2, 2]
+    results = grouped_round(pairs, {0: "5", 1: "5", 2: "6", 3: "6"})
+    assert [r.groups_agree("held", 2) for r in results] == [True] * 4
+    assert [r.distinct["held"] for r in results] == [2] * 4
 
 
-def test_a_grouped_fact_counts_more_pairs_than_groups_when_a_groups_members_differ():
+def test_a_grouped_fact_disagrees_when_a_groups_members_differ():
     pairs = {0: ("0", "5"), 1: ("0", "6"), 2: ("2", "6"), 3: ("2", "6")}
-    assert [r.distinct_pairs("held") for r in grouped_round(pairs)] == [3, 3, 3, 3]
+    results = grouped_round(pairs, {0: "5", 1: "6", 2: "6", 3: "6"})
+    assert [r.groups_agree("held", 2) for r in results] == [False] * 4
+    assert [r.distinct["held"] for r in results] == [3] * 4
 
 
 def test_ranks_in_no_group_publish_no_pair_of_a_grouped_fact():
     pairs = {0: ("0", "5"), 1: ("0", "5"), 2: None, 3: None}
-    assert [r.distinct_pairs("held") for r in grouped_round(pairs)] == [1, 1, 1, 1]
+    results = grouped_round(pairs, {0: "5", 1: "5", 2: "4", 3: "4"})
+    assert [r.distinct["held"] for r in results] == [1] * 4
+
+
+def test_grouped_facts_are_not_counted_when_every_fact_is_unanimous():
+    # the facts determine the grouped values, so equal facts mean every group agrees
+    pairs = {0: ("0", "5"), 1: ("0", "5"), 2: None, 3: None}
+    results = grouped_round(pairs, {r: "5" for r in range(4)})
+    assert [r.distinct["held"] for r in results] == [None] * 4
+    assert all(r.groups_agree("held", 1) for r in results)
 
 
 def test_collect_groups_the_ranks_by_fact_value_identically_on_every_rank():
