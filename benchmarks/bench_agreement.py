@@ -16,6 +16,14 @@ the default on real backends). This measures:
 * targets: one round in at most 1 s at 16,384 ranks and 10 s at 131,072 (PASS/FAIL), with
   the machine's load average printed beside them.
 
+Why a store round cannot be much cheaper: a round must tell every rank, within a bounded
+wait, both that every rank arrived and whether they all planned the same. Per rank that is
+one write everyone can compare with, one arrival, one bounded wait and one read (a
+``TCPStore`` wait returns no value); PyTorch's barrier needs the arrival and the wait
+alone. Both are round trips to the one server, so the round costs about 4/3 of a barrier
+plus the time the simulated clients spend; a target below the barrier's own time through
+the same server is out of reach for any round that keeps the bounded wait.
+
 Run: ``.venv/bin/python benchmarks/bench_agreement.py [--ranks 16384 131072] [--clients 2]``.
 """
 

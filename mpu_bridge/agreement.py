@@ -99,6 +99,7 @@ class Agreement:
     _prefix: Optional[str] = field(default=None, repr=False)  # the counting round's, if it ran
     _timeout: float = field(default=60.0, repr=False)
     _table: Optional[Table] = field(default=None, repr=False)
+    _plan: Tuple[str, str] = field(default=("", ""), repr=False)  # (digest, summary), for a unanimous table
 
     def is_unanimous(self, name: str) -> bool:
         """Whether every rank reported the same value of fact ``name`` (True for unknown facts)."""
@@ -117,7 +118,9 @@ class Agreement:
     def collect(self) -> Table:
         """Every rank's plan and facts, grouped (O(world) store reads on one rank when they
         differ, none when every rank published the same; collective)."""
-        if self._table is None:  # only the counting round leaves it unset, with its prefix
+        if self._table is None and self._prefix is None:  # every rank published this rank's plan
+            self._table = Table.unanimous(self.world_size, self._plan[0], self._plan[1], self.facts)
+        elif self._table is None:
             self._table = tally.collect(self._store, str(self._prefix), self.rank, self.world_size, self._timeout)
         return self._table
 
@@ -244,8 +247,7 @@ def _finish(store: Any, seat: _Seat, joined: _Joined, deadline: float) -> Agreem
         logger.debug("mpu-bridge: rank %d agreed on round %d (%s)", seat.rank, number, seat.summary[:120])
         return Agreement(round=number, rank=seat.rank, world_size=seat.world_size, facts=seat.facts,
                          unanimous={name: True for name in seat.facts},
-                         distinct={name: None for name in seat.grouped},
-                         _table=Table.unanimous(seat.world_size, seat.digest, seat.summary, seat.facts))
+                         distinct={name: None for name in seat.grouped}, _plan=(seat.digest, seat.summary))
     if outcome == _DIFFER:
         return _counted(store, seat, number, deadline, joined.missed)
     late = not waited_out and arrival % scale > _arrivals_when_declared(outcome)

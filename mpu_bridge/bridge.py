@@ -161,9 +161,10 @@ class Bridge(BridgeBase):
         """Make the groups a trainer will ask for in one agreement round; returns how many
         requests were new (0: nothing to do, and no round).
 
-        ``kinds``: names of the kind table (as :meth:`group`); expert kinds for the
-        bridge's own experts and for each of ``expert_sizes``, which also prepares
-        :meth:`expert_groups` per size; ``embedding``: :meth:`embedding_groups`. Later
+        ``kinds``: names of the kind table (as :meth:`group`); expert kinds for each of
+        ``expert_sizes`` (as ``group(kind, ep_size=size)``), or for the bridge's own experts
+        when there are none. Each size also prepares :meth:`expert_groups`;
+        ``embedding``: :meth:`embedding_groups`. Later
         calls of those getters answer from the cache, locally. Collective, like every
         group request: every rank passes the same arguments. Example:
         ``bridge.prepare(["tp-cp", "dp-cp"], expert_sizes=[2]); bridge.group("tp-cp")``.
@@ -186,8 +187,7 @@ class Bridge(BridgeBase):
 
             def asks() -> None:
                 for spec in specs:
-                    self._group(spec, None, label)
-                    for size in sizes if spec.grid == "expert" else ():
+                    for size in sizes if spec.grid == "expert" and sizes else [None]:
                         self._group(spec, size, label)
                 for size in sizes:
                     self.expert_groups(size)

@@ -249,6 +249,7 @@ def device_mesh(
     kinds = [k for k, _ in pairs]
     shape = [_size(grid, k) for k in kinds]
     flat = _flat_mesh(grid, kinds)
+    bridge.prepare([k.name for k in kinds], expert_sizes=[] if ep_size is None else [ep_size])  # one round
     groups = [
         (bridge.group(k.name, ep_size=ep_size) if k.grid == "expert" else bridge.group(k.name)).group
         for k in kinds

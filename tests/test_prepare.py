@@ -3,8 +3,9 @@
 Every first-time request is collective and agrees through the store; a trainer that
 asks for a dozen kinds one by one pays a dozen rounds. ``prepare`` makes them in one
 registry batch, one agreement round; the getters then answer from the cache, locally.
-The collection export uses it: a standalone ``process_group_collection()`` is two rounds
-(the covering kinds, then the embedding groups, which leave ranks out), not one per field.
+The exports use it: a standalone ``process_group_collection()`` is two rounds (the
+covering kinds, then the embedding groups, which leave ranks out), not one per field
+(14 before), and ``device_mesh()`` one, not one per dimension.
 
 One spawned world of 4 gloo ranks per scenario; the assertions follow each scenario.
 """
@@ -122,3 +123,25 @@ def test_a_standalone_collection_export_is_two_rounds_not_one_per_field():
     observed = run_ranks(_collection_rounds, WORLD)
     assert [obs["rounds"] for obs in observed] == [2] * WORLD
     assert all(obs["tp"] for obs in observed)
+
+
+def _mesh_rounds(rank: int, world: int) -> Dict[str, Any]:
+    import mpu_bridge
+
+    bridge = mpu_bridge.attach(None, tp=2, ep=2)
+    before = _rounds(bridge)
+    mesh = bridge.device_mesh()
+    dense = _rounds(bridge) - before
+    expert = bridge.device_mesh(expert=True, ep_size=1)
+    obs = {"dense": dense, "expert": _rounds(bridge) - before - dense,
+           "tp": mesh["tp"].get_group() is bridge.tensor_parallel().group,
+           "ep": expert["ep"].get_group() is bridge.expert_groups(1).expert_parallel.group}
+    bridge.close()
+    return obs
+
+
+def test_a_device_mesh_is_one_round_not_one_per_dimension():
+    observed = run_ranks(_mesh_rounds, WORLD)
+    # the expert mesh: expert_groups(1) (ep, edp), then the other expert dims: two rounds
+    assert [(obs["dense"], obs["expert"]) for obs in observed] == [(1, 2)] * WORLD
+    assert all(obs["tp"] and obs["ep"] for obs in observed)
