@@ -85,6 +85,9 @@ SALT_SOURCES = ("pg_names", "group_count")
 _PROBE_RANKS = [0]
 
 #: Why member-only naming stopped being trusted in this process (see :func:`distrust`).
+#: Process-wide on purpose, like PyTorch's own naming state it is about: a PyTorch that
+#: once named a group otherwise than predicted is not trusted again for the life of the
+#: process, in any world or registry (the safe direction: the all-ranks loop).
 _doubt: Optional[str] = None
 
 
