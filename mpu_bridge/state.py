@@ -27,6 +27,7 @@ import torch.distributed as dist
 from . import _torch, partitions
 from .collection_mpu import CollectionMpu, is_collection
 from .errors import BridgeError, LayoutError, MpuError
+from .grid_mpu import grid_groups, grid_layout, is_grid, kind_of_dims
 from .kinds import KIND_BY_DIM, KINDS, kind_named
 from .layout import DEFAULT_ORDER, Layout, plan
 from .mpu import MpuReader, check_is_mpu
@@ -181,6 +182,10 @@ def read_state(
         mpu = MeshMpu(mpu)
     elif is_collection(mpu):
         mpu = CollectionMpu(mpu)
+    elif mpu is not None and is_grid(mpu):
+        if sizes or order:
+            raise MpuError("sizes and order are the HyperCommGrid's own (its shape and dim names): drop them")
+        return _grid_state(mpu, world_size, rank, registry_options)
     if mpu is None:
         layout = plan(world_size, order=order or DEFAULT_ORDER, **dict(sizes or {}))
         registry = GroupRegistry(**registry_options)
@@ -218,6 +223,36 @@ def read_state(
         reader.flavour, c.tp, c.pp, c.dp, c.cp, c.order,
     )
     return State(layout, reader, registry, borrowed, sentinel)
+
+
+def _grid_state(grid: Any, world_size: int, rank: int, registry_options: Mapping[str, Any]) -> State:
+    """The state of ``attach(grid)`` (see :mod:`mpu_bridge.grid_mpu`): the grid's layout,
+    and every group the grid created borrowed, each checked against that layout (a group
+    whose ranks are not the layout's group of its kind is an MpuError naming its dims)."""
+    layout = grid_layout(grid, world_size)
+    registry = GroupRegistry(**registry_options)
+    borrowed: Dict[str, GroupInfo] = {}
+    try:
+        for dims, group in grid_groups(grid).items():
+            ranks = tuple(dist.get_process_group_ranks(group))
+            kind = kind_of_dims(dims)
+            if kind is not None:
+                want = tuple(layout.group_of(kind.name, rank))
+                if ranks != want:
+                    raise MpuError(
+                        f"rank {rank}: the HyperCommGrid's {'-'.join(dims)!r} group holds ranks {list(ranks)}, "
+                        f"but the layout its shape and dims describe ({layout.config.order}) says {list(want)}"
+                    )
+                if kind.name not in borrowed:
+                    borrowed[kind.name] = GroupInfo(kind.method or kind.name, group, ranks, ranks.index(rank), True)
+            registry.borrow(ranks, group)
+    except BaseException:
+        registry.close()
+        raise
+    c = layout.config
+    logger.info("mpu-bridge: attached to a HyperCommGrid (tp=%d pp=%d dp=%d cp=%d, order %s), %d groups borrowed",
+                c.tp, c.pp, c.dp, c.cp, c.order, len(borrowed))
+    return State(layout, None, registry, borrowed, None)
 
 
 def _collection_error(exc: MpuError) -> MpuError:
