@@ -13,6 +13,8 @@ the world), and its dims are megatron-core's dense tokens (``tp``, ``cp``, ``dp`
 ``pp``, and 0.19's ``gtp_remat``). A grid over part of the world (one module of a
 multi-module layout) or an expert grid (with ``ep``) is refused, saying which. Groups
 the grid creates *after* ``attach`` are not seen: attach once the grid's groups exist.
+Groups of a registered view (megatron-core 0.19) are borrowed by their rank sets (a
+derived group with the same ranks is that group), not read as kinds.
 
 Example (every rank, 8 ranks)::
 
@@ -81,8 +83,17 @@ def kind_of_dims(dims: Tuple[str, ...]) -> Optional[Kind]:
     return None
 
 
-def grid_groups(grid: Any) -> Dict[Tuple[str, ...], Any]:
-    """The groups the grid has created, by their dims: ``{("dp", "cp"): group, ...}`` (this
-    rank's group of each). Read from the grid's own table (``vars()``: no method lists them)."""
-    table = vars(grid).get("_pgs") or {}
-    return {tuple(key.split("-")): group for key, group in table.items() if group is not None}
+def grid_groups(grid: Any) -> Dict[Tuple[str, Tuple[str, ...]], Any]:
+    """The groups the grid has created (this rank's group of each), keyed ``(view, dims)``:
+    view ``""`` for the grid's own dims, a view's name for megatron-core 0.19's
+    ``register_view`` factorizations. Read from the grid's own table (``vars()``: no method
+    lists them). Example: ``{("", ("dp", "cp")): group, ("expert", ("ep",)): group}``."""
+    out: Dict[Tuple[str, Tuple[str, ...]], Any] = {}
+    for key, group in (vars(grid).get("_pgs") or {}).items():
+        if group is None:
+            continue
+        if isinstance(key, str):
+            out["", tuple(key.split("-"))] = group
+        elif isinstance(key, tuple) and len(key) == 2:
+            out[str(key[0]), tuple(key[1])] = group
+    return out

@@ -233,9 +233,9 @@ def _grid_state(grid: Any, world_size: int, rank: int, registry_options: Mapping
     registry = GroupRegistry(**registry_options)
     borrowed: Dict[str, GroupInfo] = {}
     try:
-        for dims, group in grid_groups(grid).items():
+        for (view, dims), group in grid_groups(grid).items():
             ranks = tuple(dist.get_process_group_ranks(group))
-            kind = kind_of_dims(dims)
+            kind = None if view else kind_of_dims(dims)  # a view's dims are its own factorization
             if kind is not None:
                 want = tuple(layout.group_of(kind.name, rank))
                 if ranks != want:

@@ -135,3 +135,35 @@ def test_attach_grid_borrows_the_grids_groups_and_derives_the_rest_on_its_arithm
         assert obs["order"].startswith("tp-dp-pp")
         assert obs["live"] - obs["live_after_close"] == 2  # the bridge's pp and tp-dp; dp-cp is dp
     assert [o["derived"]["pp"] for o in observed] == [(0, 4), (1, 5), (2, 6), (3, 7)] * 2
+
+
+def _attach_grid_with_a_view(rank: int, world: int) -> Dict[str, Any]:
+    from megatron.core.hyper_comm_grid import HyperCommGrid
+
+    import mpu_bridge
+
+    grid = HyperCommGrid([2, 4], ["tp", "dp"])
+    grid.register_view("expert", [2, 2, 2], ["tp", "ep", "dp"], shared_dims=["tp"])
+    ep = grid.create_pg("ep", view="expert")
+    bridge = mpu_bridge.attach(grid)
+    experts = bridge.expert_groups(2)
+    obs = {"ranks": experts.expert_parallel.ranks, "same": experts.expert_parallel.group is ep,
+           "view_ranks": next(tuple(g) for g in grid.get_rank_enum("ep", view="expert") if rank in g)}
+    bridge.close()
+    return obs
+
+
+def _has_views() -> bool:
+    if not is_available("megatron.core.hyper_comm_grid"):
+        return False
+    from megatron.core.hyper_comm_grid import HyperCommGrid
+
+    return hasattr(HyperCommGrid, "register_view")
+
+
+@pytest.mark.skipif(not _has_views(), reason="needs megatron-core >= 0.19 (HyperCommGrid.register_view)")
+def test_a_views_group_with_the_ranks_of_a_derived_group_is_that_group():
+    observed = run_ranks(_attach_grid_with_a_view, WORLD)
+    for obs in observed:
+        assert obs["ranks"] == obs["view_ranks"]
+        assert obs["same"]
