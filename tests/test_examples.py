@@ -221,6 +221,24 @@ def test_pg_collection_example_runs_a_gpt_model_over_the_bridges_collection_with
     assert re.search(r"^parallel_state initialised: False$", out, re.M), out
 
 
+# -- examples/grid_trainer.py ------------------------------------------------------------------
+
+
+@needs_pg_collection
+@pytest.mark.skipif(not is_available("megatron.core.hyper_comm_grid") or not is_available("einops"),
+                    reason="needs megatron-core's HyperCommGrid and einops")
+def test_grid_trainer_example_runs_a_gpt_model_over_the_grids_own_groups():
+    out = _torchrun("grid_trainer.py", 4)
+    lines = _rank_lines(out, 4)
+    losses = {}
+    for rank, line in lines.items():
+        match = re.fullmatch(r"(.*) \| loss (\d+\.\d{6})", line)
+        assert match, f"rank {rank}: {line}"
+        assert match.group(1) == f"tp {_TP[rank]} dp {_DP[rank]} | the grid's groups: True", f"rank {rank}"
+        losses[rank] = float(match.group(2))
+    assert losses[0] == losses[1] and losses[2] == losses[3] and losses[0] != losses[2], losses
+
+
 # -- examples/device_mesh.py -------------------------------------------------------------------
 
 
