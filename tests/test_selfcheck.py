@@ -278,6 +278,25 @@ def test_standalone_exports_reuse_the_bridges_groups_and_prove_each_one(standalo
     assert table["pg_collection.tp"][3:] == ["4/4", "4/4", "4/4", "ok"]
 
 
+# -- a trainer without parallel_state: every check over attach(collection) --------------------
+
+
+def test_a_collection_only_run_passes_with_every_group_borrowed_from_the_collection():
+    if not is_available("megatron.core.process_groups_config"):
+        pytest.skip("--via-collection needs megatron-core >= 0.15 (ProcessGroupCollection)")
+    run = _selfcheck_module(*STANDALONE_ARGS, "--via-collection")
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "MPU ProcessGroupCollection of a standalone layout" in run.stdout.splitlines()[0]
+    table = group_table(run.stdout)
+    for label in ("tensor_parallel", "pipeline_parallel", "data_parallel", "model_parallel"):
+        assert table[label][2] == "borrowed", label
+    assert table["expert_parallel[ep=2]"][2] == "borrowed = tensor_parallel"  # etp 1: ep = tp's ranks
+    assert "rank 0: 0 groups created" in run.stdout
+    assert last_line(run.stdout) == (
+        f"PASS: 9 group kinds and {len(export_rows())} exported fields/dims on 4 ranks, every check passed"
+    )
+
+
 # -- standalone, through the console script --------------------------------------------
 
 

@@ -75,6 +75,13 @@ def _add_launch_arguments(parser: argparse.ArgumentParser) -> None:
         "each --ep size above 1, of the expert mesh) with the same all-reduce and broadcast "
         "(needs megatron-core >= 0.15)",
     )
+    launch.add_argument(
+        "--via-collection",
+        action="store_true",
+        help="check a trainer without parallel_state: the groups (standalone, or with "
+        "--with-megatron megatron-core's) exported as megatron-core's ProcessGroupCollection "
+        "by one bridge, and every check run over attach(collection) (needs megatron-core >= 0.15)",
+    )
     launch.add_argument("--verbose", "-v", action="store_true", help="log the bridge's decisions on every rank")
     launch.add_argument("--inject-fault", choices=FAULTS, default=None, help=argparse.SUPPRESS)
 
@@ -153,6 +160,7 @@ def config_from_args(args: argparse.Namespace) -> SelfCheckConfig:
         inject_fault=args.inject_fault,
         verbose=args.verbose,
         exports=args.exports,
+        via_collection=args.via_collection,
     )
 
 
@@ -172,8 +180,9 @@ def run(args: argparse.Namespace) -> int:
     require("torch", package="torch", needed_for="mpu-bridge selfcheck")  # one line, exit 2: before any rank
     if config.with_megatron:
         require("megatron.core", package="megatron-core", extra="megatron", needed_for="--with-megatron")
-    if config.exports:  # one line, exit 2, before any rank: megatron-core with ProcessGroupCollection
-        require("megatron.core", package="megatron-core", extra="megatron", needed_for="--exports")
+    if config.exports or config.via_collection:  # one line, exit 2, before any rank: a ProcessGroupCollection
+        require("megatron.core", package="megatron-core", extra="megatron",
+                needed_for="--exports" if config.exports else "--via-collection")
         from ..pg_collection import collection_class
 
         collection_class()

@@ -115,6 +115,7 @@ class SelfCheckConfig:
     inject_fault: Optional[str] = None
     verbose: bool = False
     exports: bool = False
+    via_collection: bool = False
 
     def dense_layout(self, world_size: int, gpus_per_node: Optional[int] = None) -> Layout:
         """The planner's layout of the dense groups (and of ``ep[0]``).

@@ -216,6 +216,7 @@ class _Run:
         self.result = RankResult(rank=rank, world_size=world_size)
         self.phases = _Phases(self.result.phases, None if store is None else _announcer(store, rank))
         self.bridge: Any = None
+        self.exporter: Any = None  # with --via-collection: the bridge whose collection is read
         self.parallel_state: Any = None
         self.default_store: Any = None
 
@@ -253,6 +254,15 @@ class _Run:
             if config.etp is not None:
                 options["etp"] = config.etp
         self.bridge = self.phases.run("attach", lambda: attach(self.parallel_state, **options))
+        if config.via_collection:  # the checks run over attach(collection): no parallel_state read
+            self.exporter = self.bridge
+            exporter = self.exporter  # the all-gather twins too, when the exports will prove them
+            collection = self.phases.run("attach", lambda: exporter.process_group_collection(all_gather=config.exports))
+            collection_options = {k: options[k] for k in ("agreement_timeout", "gpus_per_node") if k in options}
+            self.bridge = self.phases.run("attach", lambda: attach(collection, **collection_options))
+            self.result.mpu = "ProcessGroupCollection " + (
+                f"of {self.result.mpu}" if config.with_megatron else "of a standalone layout"
+            )
         self.result.strategy = self.bridge.strategy
 
     def probe(self, device: Any, on_groups_created: Optional[Callable[[], None]]) -> None:
@@ -286,8 +296,9 @@ class _Run:
     def teardown(self) -> None:
         """Close the bridge, then megatron-core's groups; leaves the default group to the caller."""
         try:
-            if self.bridge is not None:
-                self.bridge.close()
+            for bridge in (self.bridge, self.exporter):
+                if bridge is not None:
+                    bridge.close()
             if self.parallel_state is not None:
                 self.parallel_state.destroy_model_parallel()
         except Exception as exc:  # teardown must not mask the checks' outcome

@@ -181,7 +181,10 @@ def _header(config: SelfCheckConfig, world_size: int, results: Mapping[int, Rank
     """The first line (ranks, launcher, backend, MPU, strategy) and the planner's layout."""
     first = results[min(results)] if results else None
     strategy = next((r.strategy for r in results.values() if r.strategy), None)
-    mpu = next((r.mpu for r in results.values() if "megatron" in r.mpu), None) if config.with_megatron else None
+    known = "ProcessGroupCollection" if config.via_collection else "megatron"
+    mpu = next((r.mpu for r in results.values() if known in r.mpu), None)
+    if mpu is None and config.via_collection:
+        mpu = "ProcessGroupCollection"
     mpu = mpu or ("megatron-core parallel_state" if config.with_megatron else "standalone (no MPU)")
     backend = (first.backend if first is not None else "") or config.backend
     gpn = config.gpus_per_node
