@@ -18,7 +18,7 @@ import hashlib
 import inspect
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch.distributed as dist
 from torch.distributed import distributed_c10d as _c10d
@@ -27,6 +27,7 @@ __all__ = [
     "default_group",
     "default_store",
     "is_live",
+    "live_groups",
     "group_counter",
     "group_name",
     "hashed_group_name",
@@ -55,6 +56,11 @@ def default_store() -> Any:
 def is_live(group: Any) -> bool:
     """Whether ``group`` is a process group torch.distributed still holds (not destroyed)."""
     return group in _c10d._world.pg_map
+
+
+def live_groups() -> List[Any]:
+    """Every process group torch.distributed holds now (the default group among them)."""
+    return list(_c10d._world.pg_map)
 
 
 def group_counter() -> int:

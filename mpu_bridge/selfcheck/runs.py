@@ -27,7 +27,7 @@ import sys
 import threading
 import time
 from dataclasses import replace
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from ..errors import BridgeError, LayoutError
 from .config import SelfCheckConfig, validate
@@ -327,8 +327,8 @@ def run_launched(config: SelfCheckConfig) -> int:
             status = 0 if result.passed else 1
         if result is None:  # its check is blocked in torch: nothing can end that thread
             _exit_now(status)
-        destroy_default_group()
-        return status
+        _end_rank(status)
+        return status  # not reached: _end_rank leaves the process
     finally:
         faulthandler.cancel_dump_traceback_later()
         restore()
@@ -351,9 +351,27 @@ def _leave_stuck(store: Any, rank: int, deadline: _Deadline) -> None:
         pass
 
 
-def _exit_now(status: int) -> None:
+def _end_rank(status: int) -> None:
+    """Destroy the default group, then leave with ``status`` and no group destructor run.
+
+    PyTorch up to 2.7 can deadlock when a gloo group's last reference goes while one of
+    its worker threads still retires a collective and needs the GIL (pytorch/pytorch#154976;
+    seen here on torch 2.6 under load, in ``destroy_process_group``'s own clean-up). Every
+    group stays referenced until :func:`_exit_now`, which skips interpreter finalization:
+    nothing is left to run after the report but PyTorch's clean-up, and the process ends anyway.
+    """
+    from .. import _torch
+
+    groups = _torch.live_groups() if _torch.default_group() is not None else []
+    _torch.let_workers_retire()
+    destroy_default_group()
+    _exit_now(status, keep_alive=groups)
+
+
+def _exit_now(status: int, keep_alive: Sequence[Any] = ()) -> None:
     """Leave now, with stdout and stderr flushed: a thread blocked in a torch call cannot be
-    stopped, and interpreter shutdown (torch's own exit handlers) could wait on it."""
+    stopped, and interpreter shutdown (torch's own exit handlers) could wait on it.
+    ``keep_alive``: objects referenced until the process is gone (their destructors never run)."""
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(status)
