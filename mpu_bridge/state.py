@@ -187,14 +187,7 @@ def read_state(
             raise MpuError("sizes and order are the HyperCommGrid's own (its shape and dim names): drop them")
         return _grid_state(mpu, world_size, rank, registry_options)
     if mpu is None:
-        layout = plan(world_size, order=order or DEFAULT_ORDER, **dict(sizes or {}))
-        registry = GroupRegistry(**registry_options)
-        c = layout.config
-        logger.info(
-            "mpu-bridge: standalone (no MPU): tp=%d pp=%d cp=%d ep=%d etp=%d dp=%d, order %s",
-            c.tp, c.pp, c.cp, c.ep, c.etp, c.dp, c.order,
-        )
-        return State(layout, None, registry, {}, None)
+        return _standalone_state(world_size, order, sizes, registry_options)
     if sizes:
         raise MpuError(
             f"sizes ({', '.join(f'{k}={v}' for k, v in sizes.items())}) are for a bridge without an MPU; "
@@ -223,6 +216,20 @@ def read_state(
         reader.flavour, c.tp, c.pp, c.dp, c.cp, c.order,
     )
     return State(layout, reader, registry, borrowed, sentinel)
+
+
+def _standalone_state(
+    world_size: int, order: Optional[str], sizes: Optional[Mapping[str, Any]], registry_options: Mapping[str, Any]
+) -> State:
+    """The state of ``attach(None, ...)``: a full layout of the world from ``sizes``."""
+    layout = plan(world_size, order=order or DEFAULT_ORDER, **dict(sizes or {}))
+    registry = GroupRegistry(**registry_options)
+    c = layout.config
+    logger.info(
+        "mpu-bridge: standalone (no MPU): tp=%d pp=%d cp=%d ep=%d etp=%d dp=%d, order %s",
+        c.tp, c.pp, c.cp, c.ep, c.etp, c.dp, c.order,
+    )
+    return State(layout, None, registry, {}, None)
 
 
 def _grid_state(grid: Any, world_size: int, rank: int, registry_options: Mapping[str, Any]) -> State:
