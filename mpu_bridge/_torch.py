@@ -29,6 +29,7 @@ __all__ = [
     "is_live",
     "live_groups",
     "group_counter",
+    "advance_group_counter",
     "group_name",
     "hashed_group_name",
     "MemberOnlyNaming",
@@ -67,6 +68,19 @@ def group_counter() -> int:
     """PyTorch's group counter on this rank (``_world.group_count``): the name of the next
     all-ranks ``new_group`` group, which every rank must agree on."""
     return int(getattr(_c10d._world, "group_count", 0))
+
+
+def advance_group_counter(value: int) -> None:
+    """Move PyTorch's group counter up to ``value`` (never down: names stay unique).
+
+    The registry calls it on every rank, with one value, after a batch it created member-only
+    that left ranks out: from 2.14 such a creation moves the counter on its members alone,
+    and the next all-ranks group would be named differently on different ranks. Skipped
+    numbers are harmless (names must be unique, not contiguous). Example:
+    ``advance_group_counter(group_counter() + 3)``.
+    """
+    if value > group_counter():
+        _c10d._world.group_count = value
 
 
 def group_name(group: Any) -> Optional[str]:

@@ -37,7 +37,7 @@ import logging
 from typing import Any, Dict, List, Optional, Sequence, Tuple, TypeVar, Union
 
 from . import partitions, support
-from .bridge_base import BridgeBase
+from .bridge_base import BridgeBase, served
 from .errors import BridgeError, LayoutError
 from .kinds import Kind, kind_named
 from .layout import Layout
@@ -123,10 +123,11 @@ class Bridge(BridgeBase):
         ``get_global_rank`` refused ``WORLD``."""
         cached = self._view().answers.get("world")  # asked before: local, never waits
         if cached is not None:
-            return cached
+            return served(cached)
         with self._lock:
             state = self._live()
-            group = state.registry.world_group()
+            span = state.layout.ranks
+            group = state.registry.world_group() if len(span) == self.world_size else None
             if group is not None:  # local: nothing to create, nothing to agree on
                 if "world" not in state.answers:
                     state.answers["world"] = GroupInfo("world", group, tuple(range(self.world_size)), self.rank,
@@ -134,7 +135,7 @@ class Bridge(BridgeBase):
                 return state.answers["world"]
         return self._request(
             "world", "world()",
-            lambda s: [("world", partitions.world(self.world_size, self.rank))],
+            lambda s: [("world", partitions.world(len(span), self.rank, span.start))],
             lambda s, infos: infos[0],
         )
 
@@ -202,7 +203,7 @@ class Bridge(BridgeBase):
             view = self._view()
             known = view.borrowed.get(spec.name) or view.answers.get(_group_key(spec, view.layout))
             if known is not None:
-                return known
+                return served(known)
         with self._lock:
             state = self._live()
             try:
@@ -319,7 +320,7 @@ class Bridge(BridgeBase):
             except BridgeError as exc:
                 raise self._refuse(state, label, exc) from None
             name = f"ep_size_{size}"
-            existing = state.answers.get(f"experts:{name}")
+            existing = served(state.answers.get(f"experts:{name}"))
             if isinstance(existing, ExpertGroups):
                 return self._same_expert_options(existing, before, etp_on)
             if before is None:
@@ -405,12 +406,18 @@ class Bridge(BridgeBase):
             state = self._live()
             try:
                 gpn = resolve_gpus_per_node(gpus_per_node, self._gpus_per_node)
-                eff, nodes = partitions.all_to_all_nodes(self.world_size, gpn)
+                span = state.layout.ranks
+                eff, nodes = partitions.all_to_all_nodes(len(span), gpn)
+                if span.start % eff:
+                    raise LayoutError(
+                        f"this bridge's rank span starts at rank {span.start}, which is not the first "
+                        f"rank of a node of {eff} GPUs: its node-local all-to-all groups would cross nodes"
+                    )
             except BridgeError as exc:
                 raise self._refuse(state, label, exc) from None
 
             def families(s: State) -> List[Tuple[str, Partition]]:
-                parts = partitions.all_to_all(self.world_size, gpn, self.rank)
+                parts = partitions.all_to_all(len(span), gpn, self.rank, span.start)
                 return list(zip(("local", "cross_node"), parts))
 
             def finish(s: State, infos: List[GroupInfo]) -> AllToAllGroups:

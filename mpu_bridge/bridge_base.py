@@ -32,7 +32,7 @@ from .registry import GroupRegistry
 from .state import Broken, ExpertGroups, GroupInfo, State, group_ranks, mpu_changed, read_state
 from .validate import positive_int
 
-__all__ = ["BridgeBase"]
+__all__ = ["BridgeBase", "Outside", "served"]
 
 logger = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -46,6 +46,30 @@ class _Ask(NamedTuple):
     label: str
     families: Callable[[State], Sequence[Tuple[str, Partition]]]
     finish: Callable[[State, List[Any]], Any]
+
+
+class Outside(NamedTuple):
+    """The answer a rank outside a rank span's layout gets: it took part in making the
+    request's groups (every rank does, as with megatron-core's ``rank_offset``) and holds
+    none of them. :func:`served` raises its :meth:`error`."""
+
+    rank: int
+    layout: Layout
+
+    def error(self) -> BridgeError:
+        span = self.layout.ranks
+        return BridgeError(
+            f"rank {self.rank} is outside this bridge's rank span {span[0]}..{span[-1]} "
+            f"(rank_offset {self.layout.rank_offset}, local_world_size {self.layout.world_size}) "
+            "and holds none of its groups; ask the bridge of the module this rank runs"
+        )
+
+
+def served(answer: Any) -> Any:
+    """``answer``, unless it is an :class:`Outside` (then its error is raised)."""
+    if isinstance(answer, Outside):
+        raise answer.error()
+    return answer
 
 
 class BridgeBase:
@@ -73,6 +97,8 @@ class BridgeBase:
         etp: Optional[int] = None,
         gtp_remat: Optional[int] = None,
         expert_gtp_remat: Optional[int] = None,
+        rank_offset: Optional[int] = None,
+        local_world_size: Optional[int] = None,
     ) -> None:
         if not dist.is_available() or not dist.is_initialized():
             raise BridgeError(
@@ -94,7 +120,8 @@ class BridgeBase:
             verify_plan=verify_plan,
         )
         self._order = order
-        sizes = dict(tp=tp, pp=pp, cp=cp, ep=ep, etp=etp, gtp_remat=gtp_remat, expert_gtp_remat=expert_gtp_remat)
+        sizes = dict(tp=tp, pp=pp, cp=cp, ep=ep, etp=etp, gtp_remat=gtp_remat, expert_gtp_remat=expert_gtp_remat,
+                     rank_offset=rank_offset, local_world_size=local_world_size)
         self._sizes = {k: v for k, v in sizes.items() if v is not None}
         self._mpu_object = mpu
         self._default_group = _torch.default_group()
@@ -189,13 +216,13 @@ class BridgeBase:
         """
         cached = self._view().answers.get(key)  # asking again is local: no lock, no wait
         if cached is not None:
-            return cached
+            return cast(_T, served(cached))
         with self._lock:
             if self._collecting is not None:
                 self._collecting.append(_Ask(key, label, families, finish))
                 return cast(_T, None)
             self._answer_all([_Ask(key, label, families, finish)], label)
-            return cast(_T, self._live().answers[key])
+            return cast(_T, served(self._live().answers[key]))
 
     def _batched(self, label: str, asks: Callable[[], None]) -> int:
         """Run ``asks`` (getter calls) collecting their requests, then make every new one in
@@ -224,6 +251,10 @@ class BridgeBase:
             state.registry.fail_round(exc, label)
             raise
         groups = iter(state.registry.ensure([p for batch in named for _, p in batch], label=label))
+        if not state.layout.holds(self.rank):  # a rank span's outsider: took part, holds nothing
+            for key in pending:
+                state.answers[key] = Outside(self.rank, state.layout)
+            return len(pending)
         for ask, batch in zip(pending.values(), named):
             infos: List[Optional[GroupInfo]] = []
             for (name, part), group in zip(batch, groups):
@@ -293,7 +324,7 @@ class BridgeBase:
 
     def _experts(self) -> Dict[str, ExpertGroups]:
         answers = tuple(self._view().answers.items())  # one C-level copy: safe while a request adds
-        return {v.name: v for k, v in answers if k.startswith("experts:")}
+        return {v.name: v for k, v in answers if k.startswith("experts:") and isinstance(v, ExpertGroups)}
 
     def expert_group_names(self) -> Tuple[str, ...]:
         """Names of the expert groups made so far (local, never waits)."""

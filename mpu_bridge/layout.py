@@ -350,6 +350,11 @@ class ParallelConfig:
     Parallelism sizes (dense and expert grid, independent, default 1): model-parallel
     axes, so ``dp`` and ``edp`` are the replicate degrees.
 
+    ``rank_offset`` (megatron-core's, with ``world_size`` as its ``local_world_size``):
+    the layout covers global ranks ``rank_offset .. rank_offset + world_size - 1`` (a
+    *rank span*: one module of a multi-module trainer); every group is the 0-based
+    layout's group shifted by it. Default 0: the layout is the world.
+
     Example::
 
         >>> cfg = ParallelConfig(64, tp=2, pp=2, ep=4)
@@ -369,9 +374,14 @@ class ParallelConfig:
     gpus_per_node: Optional[int] = None
     gtp_remat: int = 1
     expert_gtp_remat: int = 1
+    rank_offset: int = 0
 
     def __post_init__(self) -> None:
         set_ = functools.partial(object.__setattr__, self)
+        offset = integer("rank_offset", self.rank_offset, LayoutError)
+        if offset < 0:
+            raise LayoutError(f"rank_offset must be an integer >= 0 (the layout's first global rank), got {offset}")
+        set_("rank_offset", offset)
         world = _positive_int("world_size", self.world_size)
         tp = _positive_int("tp", self.tp)
         pp = _positive_int("pp", self.pp)
@@ -461,6 +471,7 @@ class ParallelConfig:
             "gpus_per_node": self.gpus_per_node,
             "gtp_remat": self.gtp_remat,
             "expert_gtp_remat": self.expert_gtp_remat,
+            **({"rank_offset": self.rank_offset} if self.rank_offset else {}),
         }
 
 
@@ -513,7 +524,22 @@ class Layout:
 
     @property
     def world_size(self) -> int:
+        """How many ranks the layout covers (megatron-core's ``local_world_size`` for a span)."""
         return self.config.world_size
+
+    @property
+    def rank_offset(self) -> int:
+        """The layout's first global rank (0 unless it is a rank span)."""
+        return self.config.rank_offset
+
+    @property
+    def ranks(self) -> range:
+        """The global ranks the layout covers: ``range(rank_offset, rank_offset + world_size)``."""
+        return range(self.rank_offset, self.rank_offset + self.world_size)
+
+    def holds(self, rank: int) -> bool:
+        """Whether global ``rank`` is one of the layout's ranks (a span leaves the others out)."""
+        return self.rank_offset <= rank < self.rank_offset + self.world_size
 
     @property
     def kinds(self) -> Tuple[str, ...]:
@@ -554,7 +580,10 @@ class Layout:
     def groups(self, kind: str) -> List[List[int]]:
         """All groups of ``kind`` (a fresh list), e.g. ``plan(8, tp=2).groups("tp")[:2] == [[0, 1], [2, 3]]``."""
         spec = self.spec(kind)
-        return self._grid(spec).groups(spec.tokens)
+        groups = self._grid(spec).groups(spec.tokens)
+        if self.rank_offset:
+            groups = [[self.rank_offset + r for r in group] for group in groups]
+        return groups
 
     def iter_groups(self, kind: str) -> Iterator[List[int]]:
         """The groups of ``kind`` one at a time, in the order of :meth:`groups` (kind checked now)."""
@@ -562,8 +591,9 @@ class Layout:
 
         def generate() -> Iterator[List[int]]:
             offsets = geo.offsets
+            shift = self.rank_offset
             for index in range(geo.num_groups):
-                base = geo.base_of_index(index)
+                base = geo.base_of_index(index) + shift
                 yield [base + o for o in offsets]
 
         return generate()
@@ -571,7 +601,7 @@ class Layout:
     def group(self, kind: str, index: int) -> List[int]:
         """The ``index``-th group of ``kind`` in enumeration order."""
         geo = self._geometry(kind)
-        base = geo.base_of_index(self._check_index(kind, geo, index))
+        base = geo.base_of_index(self._check_index(kind, geo, index)) + self.rank_offset
         return [base + o for o in geo.offsets]
 
     def _check_index(self, kind: str, geo: _Geometry, index: Any) -> int:
@@ -586,12 +616,21 @@ class Layout:
         return number
 
     def _check_rank(self, rank: Any) -> int:
-        return _check_rank(rank, self.world_size)
+        """``rank`` (global) checked to be one of the layout's, as its 0-based place in them."""
+        if not self.rank_offset:
+            return _check_rank(rank, self.world_size)
+        rank = integer("rank", rank, LayoutError)
+        if not self.holds(rank):
+            raise LayoutError(
+                f"rank {rank} is outside this layout's ranks {self.rank_offset}..{self.ranks[-1]} "
+                f"(rank_offset {self.rank_offset}, {self.world_size} ranks)"
+            )
+        return rank - self.rank_offset
 
     def group_of(self, kind: str, rank: int) -> List[int]:
         """The group of ``kind`` that holds ``rank``, ascending; computed, not looked up."""
         geo = self._geometry(kind)
-        base = geo.base_of_rank(self._check_rank(rank))
+        base = geo.base_of_rank(self._check_rank(rank)) + self.rank_offset
         return [base + o for o in geo.offsets]
 
     def group_view(self, kind: str, index: int) -> GroupView:
@@ -600,7 +639,7 @@ class Layout:
         Example: ``plan(2 ** 40, tp=8).group_view("dp", 1).first(3) == [1, 9, 17]``.
         """
         geo = self._geometry(kind)
-        return geo.view(geo.base_of_index(self._check_index(kind, geo, index)))
+        return geo.view(geo.base_of_index(self._check_index(kind, geo, index)) + self.rank_offset)
 
     def group_view_of(self, kind: str, rank: int) -> GroupView:
         """The group of ``kind`` that holds ``rank``, described by its geometry (see :meth:`group_view`).
@@ -608,7 +647,7 @@ class Layout:
         Example: ``plan(16, tp=2).group_view_of("dp", 5).first(8) == [1, 3, 5, 7, 9, 11, 13, 15]``.
         """
         geo = self._geometry(kind)
-        return geo.view(geo.base_of_rank(self._check_rank(rank)))
+        return geo.view(geo.base_of_rank(self._check_rank(rank)) + self.rank_offset)
 
     def group_index(self, kind: str, rank: int) -> int:
         """Position of ``rank``'s group in :meth:`groups` order."""
@@ -640,13 +679,21 @@ class Layout:
             raise LayoutError(
                 "intra_node needs gpus_per_node; pass plan(..., gpus_per_node=8) for 8 GPUs per node"
             )
-        return partition_fits_nodes(self._geometry(kind).masked, gpn)
+        geo = self._geometry(kind)
+        if self.rank_offset % gpn == 0:  # node-aligned: the blocks' rule holds as for the world
+            return partition_fits_nodes(geo.masked, gpn)
+        last = sum((size - 1) * stride for size, stride in geo.masked)
+        return all(  # a span not aligned to nodes: each group's first and last member
+            (base + self.rank_offset) // gpn == (base + self.rank_offset + last) // gpn
+            for base in map(geo.base_of_index, range(geo.num_groups))
+        )
 
     def node_of(self, rank: int) -> int:
+        """The node of global ``rank`` (ranks ``n·g .. n·g + g-1`` form node ``n``)."""
         gpn = self.config.gpus_per_node
         if gpn is None:
             raise LayoutError("node_of needs gpus_per_node; pass plan(..., gpus_per_node=8)")
-        return self._check_rank(rank) // gpn
+        return (self._check_rank(rank) + self.rank_offset) // gpn
 
     # -- export ----------------------------------------------------------------
 
@@ -681,7 +728,7 @@ class Layout:
             if max_ranks is not None and shown:
                 shown = min(shown, max(1, max_ranks // listed))
             offsets = geo.offsets if listed == size else GroupView(0, geo.masked).first(listed)
-            bases = (geo.base_of_index(index) for index in range(shown))
+            bases = (geo.base_of_index(index) + self.rank_offset for index in range(shown))
             entry: Dict[str, Any] = {
                 "description": KINDS[kind].description,
                 "size": size,
@@ -710,6 +757,7 @@ def plan(
     gpus_per_node: Optional[int] = None,
     gtp_remat: int = 1,
     expert_gtp_remat: int = 1,
+    rank_offset: int = 0,
 ) -> Layout:
     """Validate the sizes and return the :class:`Layout` of every group kind.
 
@@ -720,6 +768,8 @@ def plan(
 
         >>> plan(8, tp=2, pp=2).groups("dp")
         [[0, 2], [1, 3], [4, 6], [5, 7]]
+        >>> plan(4, tp=2, rank_offset=8).groups("tp")   # a rank span: global ranks 8..11
+        [[8, 9], [10, 11]]
     """
     config = ParallelConfig(
         world_size=world_size,
@@ -732,6 +782,7 @@ def plan(
         gpus_per_node=gpus_per_node,
         gtp_remat=gtp_remat,
         expert_gtp_remat=expert_gtp_remat,
+        rank_offset=rank_offset,
     )
     return Layout(config)
 

@@ -224,7 +224,8 @@ def layout_signature(layout: Layout) -> str:
     c = layout.config
     gtp = f",gtp_remat={c.gtp_remat}" if c.gtp_remat > 1 else ""
     egtp = f",expert_gtp_remat={c.expert_gtp_remat}" if c.expert_gtp_remat > 1 else ""
-    return f"tp={c.tp},pp={c.pp},cp={c.cp},ep={c.ep},etp={c.etp}{gtp}{egtp},order={c.order}"
+    span = f",ranks={c.rank_offset}+{c.world_size}" if c.rank_offset else ""
+    return f"tp={c.tp},pp={c.pp},cp={c.cp},ep={c.ep},etp={c.etp}{gtp}{egtp},order={c.order}{span}"
 
 
 def dense(layout: Layout, kind: str, rank: int, key: Optional[str] = None) -> Partition:
@@ -233,13 +234,16 @@ def dense(layout: Layout, kind: str, rank: int, key: Optional[str] = None) -> Pa
     An all-gather twin kind (``"dp-cp-ag"``, ``"edp-ag"``) is its own channel: the same
     ranks as its twin, other communicators.
 
-    Example: ``dense(plan(8, tp=2), "tp", 3).own == (2, 3)``.
+    A rank outside a rank span's layout is in none of its groups (``own`` None).
+
+    Example: ``dense(plan(8, tp=2), "tp", 3).own == (2, 3)``;
+    ``dense(plan(4, tp=2, rank_offset=4), "tp", 3).own is None``.
     """
     return Partition(
         key=key or kind,
         group_size=layout.size(kind),
         num_groups=layout.num_groups(kind),
-        own=tuple(layout.group_of(kind, rank)),
+        own=tuple(layout.group_of(kind, rank)) if layout.holds(rank) else None,
         groups=lambda: layout.iter_groups(kind),
         channel="ag" if KINDS[kind].twin_of else "",
     ).as_trusted()
@@ -276,7 +280,7 @@ def expert_layout(
     order = expert_order(c.order, data_before_expert)
     etp = c.tp if etp is None else positive_int("etp", etp)
     return plan(c.world_size, tp=c.tp, pp=c.pp, cp=c.cp, ep=ep, etp=etp, order=order,
-                gtp_remat=c.gtp_remat, expert_gtp_remat=c.expert_gtp_remat)
+                gtp_remat=c.gtp_remat, expert_gtp_remat=c.expert_gtp_remat, rank_offset=c.rank_offset)
 
 
 def hpz_block(layout: Layout, partition_size: int) -> int:
@@ -335,7 +339,7 @@ def hpz(layout: Layout, block: int, rank: int) -> Partition:
     block = positive_int("block", block)
     per = layout.size(HPZ_BASE) // block
     hpz_view(layout, block, 0)  # LayoutError unless every block has the same shape
-    index, _ = hpz_index(layout, block, rank)
+    own = tuple(hpz_view(layout, block, hpz_index(layout, block, rank)[0])) if layout.holds(rank) else None
 
     def groups() -> Iterator[List[int]]:
         for members in layout.iter_groups(HPZ_BASE):
@@ -346,7 +350,7 @@ def hpz(layout: Layout, block: int, rank: int) -> Partition:
         key=f"zero_param_intra[{block},{layout_signature(layout)}]",
         group_size=block,
         num_groups=layout.num_groups(HPZ_BASE) * per,
-        own=tuple(hpz_view(layout, block, index)),
+        own=own,
         groups=groups,
     ).as_trusted()  # blocks of layout groups, all shaped alike (checked above)
 
@@ -369,23 +373,23 @@ def all_to_all_nodes(world_size: int, gpus_per_node: int) -> Tuple[int, int]:
     return gpn, world // gpn
 
 
-def all_to_all_layout(world_size: int, gpus_per_node: int) -> Tuple[Layout, int]:
+def all_to_all_layout(world_size: int, gpus_per_node: int, rank_offset: int = 0) -> Tuple[Layout, int]:
     """``(layout, nodes)`` whose ``"tp"`` groups are the node-local all-to-all groups and,
     on more than one node, whose ``"dp"`` groups are the cross-node ones (same local rank).
 
     Example: ``all_to_all_layout(8, 4)[0].group_of("dp", 5) == [1, 5]``.
     """
     gpn, nodes = all_to_all_nodes(world_size, gpus_per_node)
-    return plan(world_size, tp=gpn), nodes
+    return plan(world_size, tp=gpn, rank_offset=rank_offset), nodes
 
 
-def all_to_all(world_size: int, gpus_per_node: int, rank: int) -> List[Partition]:
+def all_to_all(world_size: int, gpus_per_node: int, rank: int, rank_offset: int = 0) -> List[Partition]:
     """Node-local groups and, on more than one node, cross-node groups (same local rank).
 
     DeepSpeed's ``_get_local_all_to_all_group``: ``local_<node>`` and ``global_<local rank>``.
     Example: ``[p.own for p in all_to_all(8, 4, 5)] == [(4, 5, 6, 7), (1, 5)]``.
     """
-    layout, nodes = all_to_all_layout(world_size, gpus_per_node)
+    layout, nodes = all_to_all_layout(world_size, gpus_per_node, rank_offset)
     gpn = layout.config.tp
     parts = [dense(layout, "tp", rank, key=f"all_to_all_local[{gpn}]")]
     if nodes > 1:
@@ -393,13 +397,15 @@ def all_to_all(world_size: int, gpus_per_node: int, rank: int) -> List[Partition
     return parts
 
 
-def world(world_size: int, rank: int) -> Partition:
+def world(world_size: int, rank: int, rank_offset: int = 0) -> Partition:
     """The whole world as one group (DeepSpeed's ``_clone_world_group``; the registry
-    answers it with the default group).
+    answers it with the default group), or with ``rank_offset`` the rank span
+    ``rank_offset .. rank_offset + world_size - 1`` as one group.
 
-    Example: ``world(4, 2).own == (0, 1, 2, 3)``.
+    Example: ``world(4, 2).own == (0, 1, 2, 3)``; ``world(2, 5, rank_offset=4).own == (4, 5)``.
     """
-    return dense(plan(world_size), "dp", rank, key=f"world[{world_size}]")
+    key = f"world[{world_size}]" if not rank_offset else f"world[{rank_offset}+{world_size}]"
+    return dense(plan(world_size, rank_offset=rank_offset), "dp", rank, key=key)
 
 
 def _pipeline_stage_groups(
@@ -407,8 +413,7 @@ def _pipeline_stage_groups(
 ) -> Partition:
     """For each pipeline group (layout order), the members ``stages(group)`` picks; ranks
     picked by none get ``own`` None (the partition then leaves them out)."""
-    pp_group = layout.group_of("pp", rank)
-    picked = stages(pp_group)
+    picked = stages(layout.group_of("pp", rank)) if layout.holds(rank) else []
     return Partition(
         key=key,
         group_size=size,

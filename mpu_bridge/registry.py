@@ -41,9 +41,13 @@ creation at all (the all-ranks loop, said once in the log). So:
 (c) the ranks' group counters must stay equal, or every later all-ranks group (the
     registry's, megatron-core's, the user's) is named differently on different ranks:
     where member-only creation may move the counter (from 2.14, and wherever the probe
-    cannot tell), a batch that creates a family leaving ranks out uses the all-ranks
-    loop, which moves every rank's counter alike; and the all-ranks loop itself runs
-    only when the round shows every rank's counter equal (else a clear error).
+    cannot tell), a member-only batch that creates a family leaving ranks out (embedding
+    groups, a rank span's groups) ends with every rank moving its counter up to one
+    agreed value, the counter before the batch (the round shows it equal on every rank)
+    plus the number of partitions created (:func:`_even_counter`); where the counters
+    differed before, it uses the all-ranks loop, which moves every rank's counter alike,
+    and that loop itself runs only when the round shows every rank's counter equal (else
+    a clear error).
 
 Otherwise a batch falls back to ``new_group`` (the reason logged once). Without the
 round (``verify_plan=False``, the ``fake`` backend) the registry cannot measure (a), and
@@ -361,22 +365,26 @@ class GroupRegistry:
                 self.fail_round(exc, label)
                 raise
             try:
-                reuse, strategy = self._plan_batch(parts, label)
+                reuse, strategy, even = self._plan_batch(parts, label)
             except RuntimeError as exc:  # a store operation outside agree() failed
                 raise GroupCreationError(
                     f"rank {self.rank}: the default store failed while planning groups: {exc}"
                 ) from exc
             self.last_strategy = strategy
             results: List[Optional[Any]] = []
-            for p, reused in zip(parts, reuse):
-                if reused:
-                    self.reused += 1
-                    results.append(None if p.own is None else self.lookup(p.own, p.channel))
-                elif reused is None:  # mixed: enter every group, keep what this rank holds
-                    self._uneven = True  # the holders keep one group, the others gain one
-                    results.append(self._create_keeping(p))
-                else:
-                    results.append(self._create(p, strategy))
+            try:
+                for p, reused in zip(parts, reuse):
+                    if reused:
+                        self.reused += 1
+                        results.append(None if p.own is None else self.lookup(p.own, p.channel))
+                    elif reused is None:  # mixed: enter every group, keep what this rank holds
+                        self._uneven = True  # the holders keep one group, the others gain one
+                        results.append(self._create_keeping(p))
+                    else:
+                        results.append(self._create(p, strategy))
+            finally:
+                if even is not None:  # every rank, whatever it created: the counters equal again
+                    _torch.advance_group_counter(even)
             if not self.verify_plan:
                 self._ensured.update(p.fingerprint() for p in parts if p.own is None)
             return results
@@ -462,11 +470,14 @@ class GroupRegistry:
                 out.add((opts[2], ranks))
         return out
 
-    def _plan_batch(self, parts: Sequence[Partition], label: str) -> Tuple[List[Optional[bool]], str]:
-        """Agree on the batch and decide, identically on every rank, what to reuse and how to create."""
+    def _plan_batch(
+        self, parts: Sequence[Partition], label: str
+    ) -> Tuple[List[Optional[bool]], str, Optional[int]]:
+        """Agree on the batch and decide, identically on every rank, what to reuse, how to
+        create, and the group counter every rank moves to afterwards (None: leave it)."""
         votes = planning.reuse_votes(parts, self._registered(), self.world_size if self.serves_world() else 0)
         if not self.verify_plan:
-            return self._plan_unchecked(parts, votes)
+            return (*self._plan_unchecked(parts, votes), None)
         facts, grouped = _batch_facts(parts, votes, self.strategy, self._store)
         digest, summary = planning.digest(
             parts, label, backend=self.backend, strategy=self.requested_strategy, options=self.pg_options
@@ -483,18 +494,24 @@ class GroupRegistry:
             reused is not False or result.groups_agree(name, p.num_groups)
             for p, reused, name in zip(parts, reuse, grouped)
         )
+        covering = self._covering(parts, reuse)
+        # Counters equal before the batch can be made equal after it (see _even_counter).
+        evenable = "seq" in facts and result.is_unanimous("seq")
         strategy, reason = planning.decide_strategy(
             self.strategy,
             equal_salts=equal,
             fresh_names=_everyone(result, facts, "fresh"),
             mixed=any(r is None for r in reuse),
             named=_everyone(result, facts, "naming"),
-            counter_safe=_everyone(result, facts, "apart") or self._covering(parts, reuse),
+            counter_safe=_everyone(result, facts, "apart") or covering or evenable,
         )
         strategy = self._note_fallback(strategy, reason)
         if strategy == "new_group" and not all(reuse) and not result.is_unanimous("seq"):
             raise _sequence_error(self.rank, result)
-        return reuse, strategy
+        even = None
+        if strategy == "local_new_group" and not covering and evenable:
+            even = _even_counter(int(facts["seq"]), reuse)
+        return reuse, strategy, even
 
     def _plan_unchecked(self, parts: Sequence[Partition], votes: List[str]) -> Tuple[List[Optional[bool]], str]:
         """The decision without the round, from what every rank knows alike (see the module docstring)."""
@@ -670,6 +687,20 @@ def _batch_facts(
         stale = any(store.check([f"{_USED_NAME_PREFIX}/{n}"]) for n in names)
         facts["fresh"] = "0" if stale else "1"
     return facts, grouped
+
+
+def _even_counter(counter: int, reuse: Sequence[Optional[bool]]) -> int:
+    """The group counter every rank moves to after a member-only batch that leaves ranks out,
+    from the counter every rank had before it (``counter``, unanimous in the round).
+
+    A member-only creation moves its caller's counter by one where the counter is the salt
+    (PyTorch >= 2.14) and not at all elsewhere; a rank creates at most one group per created
+    partition. So no rank's counter passes ``counter`` + the number of created partitions,
+    and moving every rank there (never down) leaves them equal again: later all-ranks groups
+    (the registry's, megatron-core's, the user's) are named alike everywhere. Example:
+    ``_even_counter(7, [True, False, False]) == 9``.
+    """
+    return counter + sum(1 for reused in reuse if reused is False)
 
 
 def _sequence_error(rank: int, result: Agreement) -> GroupCreationError:

@@ -34,7 +34,7 @@ from .mpu import MpuReader, check_is_mpu
 from .mpu.names import ALL_DIMENSIONS
 from .mpu.order import infer_order
 from .registry import GroupRegistry
-from .validate import positive_int
+from .validate import integer, positive_int
 
 if TYPE_CHECKING:
     from typing import TypeGuard
@@ -221,8 +221,21 @@ def read_state(
 def _standalone_state(
     world_size: int, order: Optional[str], sizes: Optional[Mapping[str, Any]], registry_options: Mapping[str, Any]
 ) -> State:
-    """The state of ``attach(None, ...)``: a full layout of the world from ``sizes``."""
-    layout = plan(world_size, order=order or DEFAULT_ORDER, **dict(sizes or {}))
+    """The state of ``attach(None, ...)``: a full layout of the world from ``sizes``, or of
+    the rank span ``rank_offset .. rank_offset + local_world_size - 1`` (default: the rest
+    of the world from ``rank_offset``)."""
+    given = dict(sizes or {})
+    offset = integer("rank_offset", given.pop("rank_offset", 0), LayoutError)
+    if not 0 <= offset < world_size:
+        raise LayoutError(f"rank_offset must be a rank of the world, 0..{world_size - 1}; got {offset}")
+    local = given.pop("local_world_size", None)
+    local = world_size - offset if local is None else positive_int("local_world_size", local, LayoutError)
+    if offset + local > world_size:
+        raise LayoutError(
+            f"the rank span rank_offset {offset} + local_world_size {local} = {offset + local} goes past "
+            f"the world of {world_size} ranks; the span's last rank must be at most {world_size - 1}"
+        )
+    layout = plan(local, order=order or DEFAULT_ORDER, rank_offset=offset, **given)
     registry = GroupRegistry(**registry_options)
     c = layout.config
     logger.info(
@@ -384,7 +397,7 @@ def group_ranks(state: State, rank: int, name: str, ep_size: Optional[int] = Non
     Example: ``group_ranks(state, 0, "data_parallel") == (0, 2)`` over tp 2 on 4 ranks.
     """
     if name == "world":
-        return tuple(range(state.layout.world_size))
+        return tuple(state.layout.ranks)
     try:
         kind = kind_named(name)
     except KeyError as exc:

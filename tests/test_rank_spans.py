@@ -1,0 +1,226 @@
+"""Rank spans: a standalone layout over ranks ``[rank_offset, rank_offset + local_world_size)``
+(megatron-core's ``initialize_model_parallel(rank_offset=, local_world_size=)``), issue 18.
+
+A multi-module trainer (a vision encoder on some ranks, the language model on the
+others) builds one bridge per module. As with megatron-core's ``rank_offset`` and
+``HyperCommGrid``, every rank of the world builds every module's bridge and makes
+its requests alike; only a span's members create (and hold) its groups, so two
+modules' groups never mix, and a rank outside a span gets a clear error from that
+bridge for any group, never a hang.
+
+The pure part (rank lists) is written out for small spans; the multi-rank scenarios
+(one spawned world of 6 gloo ranks each) sit next to their assertions.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict
+
+import pytest
+
+from _multiproc import run_ranks
+from mpu_bridge import partitions
+from mpu_bridge.errors import LayoutError
+from mpu_bridge.layout import ParallelConfig, plan
+
+# -- the layout of a span (pure) ----------------------------------------------------------
+
+
+def test_a_span_layout_is_the_zero_based_layout_shifted_by_its_offset():
+    span = plan(8, tp=2, pp=2, rank_offset=8)
+    assert span.groups("tp") == [[8, 9], [10, 11], [12, 13], [14, 15]]
+    assert span.groups("pp") == [[8, 12], [9, 13], [10, 14], [11, 15]]
+    assert span.groups("dp") == [[8, 10], [9, 11], [12, 14], [13, 15]]
+    assert span.group_of("dp", 13) == [13, 15]
+    assert span.group_view_of("pp", 9).first(2) == [9, 13]
+    assert list(span.ranks) == list(range(8, 16))
+
+
+def test_a_span_answers_positions_and_indices_of_global_ranks():
+    span = plan(8, tp=2, pp=2, rank_offset=8)
+    assert span.rank_in_group("pp", 13) == 1
+    assert span.group_index("tp", 12) == 2
+    assert [span.holds(r) for r in (7, 8, 15, 16)] == [False, True, True, False]
+
+
+def test_a_rank_outside_the_span_is_refused_with_the_span_named():
+    span = plan(4, tp=2, rank_offset=4)
+    with pytest.raises(LayoutError, match=r"rank 3 is outside this layout's ranks 4\.\.7"):
+        span.group_of("tp", 3)
+
+
+def test_a_negative_rank_offset_is_refused():
+    with pytest.raises(LayoutError, match="rank_offset must be an integer >= 0"):
+        plan(4, rank_offset=-1)
+
+
+def test_rank_offset_must_be_an_integer():
+    with pytest.raises(LayoutError, match="rank_offset"):
+        ParallelConfig(4, rank_offset=1.5)  # type: ignore[arg-type]
+
+
+def test_the_config_of_a_span_says_its_offset_and_a_world_layout_does_not():
+    assert plan(4, tp=2, rank_offset=4).to_dict()["config"]["rank_offset"] == 4
+    assert "rank_offset" not in plan(4, tp=2).to_dict()["config"]
+    assert plan(4, tp=2, rank_offset=4).to_dict()["kinds"]["tp"]["groups"] == [[4, 5], [6, 7]]
+
+
+def test_a_node_aligned_span_keeps_tensor_parallel_inside_nodes():
+    assert plan(8, tp=4, rank_offset=8, gpus_per_node=8).intra_node("tp")
+
+
+def test_a_span_not_aligned_to_nodes_is_judged_by_its_actual_groups():
+    # ranks 6..13 on nodes of 8: tp group [6, 7, 8, 9] crosses from node 0 to node 1
+    assert not plan(8, tp=4, rank_offset=6, gpus_per_node=4).intra_node("tp")
+    # ranks 4..11 on nodes of 8 with tp 4: [4..7] and [8..11], each inside one node
+    assert plan(8, tp=4, rank_offset=4, gpus_per_node=4).intra_node("tp")
+
+
+def test_partitions_of_a_span_leave_outsiders_in_no_group():
+    span = plan(4, tp=2, pp=2, rank_offset=2)
+    assert partitions.dense(span, "tp", 1).own is None
+    assert partitions.dense(span, "tp", 3).own == (2, 3)
+    assert partitions.embedding(span, 1).own is None
+    assert partitions.embedding(span, 4).own == (2, 4)
+    assert partitions.world(4, 5, rank_offset=2).own == (2, 3, 4, 5)
+    assert not partitions.dense(span, "tp", 3).covers(6)
+
+
+def test_the_expert_layout_of_a_span_keeps_the_span():
+    span = partitions.expert_layout(plan(4, tp=2, rank_offset=4), 2)
+    assert span.groups("ep") == [[4, 6], [5, 7]]
+
+
+# -- two modules on one world (6 gloo ranks) -----------------------------------------------
+
+WORLD = 6
+ENCODER = dict(tp=1, local_world_size=2)  # ranks 0, 1
+LLM = dict(tp=2, pp=2, rank_offset=2, local_world_size=4)  # ranks 2..5
+
+
+def _sum_over(group: Any, rank: int) -> int:
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor([rank])
+    dist.all_reduce(t, group=group)
+    return int(t)
+
+
+def _two_modules(rank: int, world: int) -> Dict[str, Any]:
+    import mpu_bridge
+    from mpu_bridge.errors import BridgeError
+
+    encoder = mpu_bridge.attach(None, **ENCODER)
+    llm = mpu_bridge.attach(None, **LLM)
+    kinds = ["tp", "pp", "dp", "mp"]
+    obs: Dict[str, Any] = {"errors": {}, "groups": {}, "sums": {}, "world_errors": {}}
+    for name, bridge in (("encoder", encoder), ("llm", llm)):  # every rank, both modules alike
+        bridge.prepare(kinds, embedding=True)
+        try:
+            bridge.world()  # collective: the outsiders take part and get the error after
+        except BridgeError as exc:
+            obs["world_errors"][name] = type(exc).__name__
+    for name, bridge in (("encoder", encoder), ("llm", llm)):
+        try:
+            tp = bridge.tensor_parallel()
+            dp = bridge.data_parallel()
+            obs["groups"][name] = {"tp": tp.ranks, "dp": dp.ranks, "pp": bridge.pipeline_parallel().ranks,
+                                   "world": bridge.world().ranks}
+            obs["sums"][name] = {"tp": _sum_over(tp.group, rank), "dp": _sum_over(dp.group, rank)}
+        except BridgeError as exc:
+            obs["errors"][name] = str(exc)
+    obs["created"] = {"encoder": encoder.stats()["created"], "llm": llm.stats()["created"]}
+    encoder.close()
+    llm.close()
+    return obs
+
+
+def test_two_span_bridges_give_each_module_its_own_groups_and_outsiders_a_clear_error():
+    observed = run_ranks(_two_modules, WORLD)
+    assert [sorted(obs["groups"]) for obs in observed] == [["encoder"]] * 2 + [["llm"]] * 4
+    assert [obs["groups"].get("encoder", {}).get("dp") for obs in observed[:2]] == [(0, 1), (0, 1)]
+    assert [obs["groups"]["llm"]["tp"] for obs in observed[2:]] == [(2, 3), (2, 3), (4, 5), (4, 5)]
+    assert [obs["groups"]["llm"]["pp"] for obs in observed[2:]] == [(2, 4), (3, 5), (2, 4), (3, 5)]
+    assert [obs["groups"]["llm"]["world"] for obs in observed[2:]] == [(2, 3, 4, 5)] * 4
+    # the collectives ran on the groups: each sum is its members' ranks
+    assert [obs["sums"]["llm"]["tp"] for obs in observed[2:]] == [5, 5, 9, 9]
+    assert [obs["sums"]["encoder"]["dp"] for obs in observed[:2]] == [1, 1]
+    assert [obs["world_errors"] for obs in observed] == [{"llm": "BridgeError"}] * 2 + [{"encoder": "BridgeError"}] * 4
+    for obs in observed[:2]:
+        assert "outside this bridge's rank span 2..5" in obs["errors"]["llm"]
+    for obs in observed[2:]:
+        assert "outside this bridge's rank span 0..1" in obs["errors"]["encoder"]
+    # only members hold the span's groups; outsiders created none of them
+    assert [obs["created"]["llm"] for obs in observed[:2]] == [0, 0]
+    assert [obs["created"]["encoder"] for obs in observed[2:]] == [0, 0, 0, 0]
+
+
+def _span_past_the_world(rank: int, world: int) -> str:
+    import mpu_bridge
+    from mpu_bridge.errors import LayoutError
+
+    with pytest.raises(LayoutError) as info:
+        mpu_bridge.attach(None, tp=2, rank_offset=4, local_world_size=4)
+    return str(info.value)
+
+
+def test_a_span_past_the_end_of_the_world_is_refused_on_every_rank():
+    for message in run_ranks(_span_past_the_world, WORLD):
+        assert "goes past the world of 6 ranks" in message
+
+
+def _member_only_then_all_ranks(rank: int, world: int) -> Dict[str, Any]:
+    import torch.distributed as dist
+
+    import mpu_bridge
+    from mpu_bridge import _torch
+
+    encoder = mpu_bridge.attach(None, **ENCODER)
+    llm = mpu_bridge.attach(None, **LLM)
+    strategies = []
+    for bridge in (encoder, llm):
+        bridge.prepare(["tp", "pp", "dp"], embedding=True)
+        strategies.append(bridge.registry.last_strategy)
+    counter = _torch.group_counter()
+    everyone = dist.new_group(list(range(world)))  # named by the counter: must agree everywhere
+    obs = {"strategies": strategies, "counter": counter, "sum": _sum_over(everyone, rank),
+           "fallbacks": encoder.stats()["fallbacks"] + llm.stats()["fallbacks"]}
+    encoder.close()
+    llm.close()
+    return obs
+
+
+def test_span_groups_are_created_by_their_members_only_and_leave_the_group_counters_equal():
+    # member-only: the outsiders enter no new_group of the span; afterwards every rank's
+    # PyTorch group counter (the name of the next all-ranks group) is the same, on every
+    # supported PyTorch (from 2.14 a member-only group moves it on its members alone)
+    observed = run_ranks(_member_only_then_all_ranks, WORLD)
+    assert [obs["strategies"] for obs in observed] == [["local_new_group"] * 2] * WORLD
+    assert [obs["fallbacks"] for obs in observed] == [0] * WORLD
+    assert len({obs["counter"] for obs in observed}) == 1
+    assert [obs["sum"] for obs in observed] == [15] * WORLD
+
+
+def _outsider_asks_again(rank: int, world: int) -> Dict[str, Any]:
+    import mpu_bridge
+    from mpu_bridge.errors import BridgeError
+
+    llm = mpu_bridge.attach(None, **LLM)
+    llm.prepare(["tp"])
+    before = llm.stats()["agreements"]
+    errors = []
+    for _ in range(2):  # asked twice, answered locally: no round that the members skip
+        try:
+            llm.tensor_parallel()
+        except BridgeError as exc:
+            errors.append(type(exc).__name__)
+    obs = {"errors": errors, "rounds": llm.stats()["agreements"] - before}
+    llm.close()
+    return obs
+
+
+def test_an_outsider_asking_after_prepare_gets_the_error_locally_every_time():
+    observed = run_ranks(_outsider_asks_again, WORLD)
+    assert [obs["errors"] for obs in observed] == [["BridgeError"] * 2] * 2 + [[]] * 4
+    assert [obs["rounds"] for obs in observed] == [0] * WORLD
