@@ -157,7 +157,8 @@ class Bridge(BridgeBase):
             return self._group(spec, ep_size, label)
 
     def prepare(
-        self, kinds: Sequence[str] = (), *, expert_sizes: Sequence[int] = (), embedding: bool = False
+        self, kinds: Sequence[str] = (), *, expert_sizes: Sequence[int] = (), embedding: bool = False,
+        world: bool = False,
     ) -> int:
         """Make the groups a trainer will ask for in one agreement round; returns how many
         requests were new (0: nothing to do, and no round).
@@ -165,12 +166,14 @@ class Bridge(BridgeBase):
         ``kinds``: names of the kind table (as :meth:`group`); expert kinds for each of
         ``expert_sizes`` (as ``group(kind, ep_size=size)``), or for the bridge's own experts
         when there are none. Each size also prepares :meth:`expert_groups`;
-        ``embedding``: :meth:`embedding_groups`. Later
+        ``embedding``: :meth:`embedding_groups`; ``world``: :meth:`world` (a rank span's
+        group of all its ranks; the whole world's needs no round). Later
         calls of those getters answer from the cache, locally. Collective, like every
         group request: every rank passes the same arguments. Example:
         ``bridge.prepare(["tp-cp", "dp-cp"], expert_sizes=[2]); bridge.group("tp-cp")``.
         """
-        label = f"prepare({list(kinds)!r}, expert_sizes={list(expert_sizes)!r}, embedding={embedding!r})"
+        label = (f"prepare({list(kinds)!r}, expert_sizes={list(expert_sizes)!r}, embedding={embedding!r}, "
+                 f"world={world!r})")
         with self._lock:
             state = self._live()
             try:
@@ -181,6 +184,7 @@ class Bridge(BridgeBase):
                 specs = [kind_named(k) if isinstance(k, str) else kind_named(repr(k)) for k in kinds]
                 sizes = [positive_int("ep_size", size) for size in expert_sizes]
                 with_embedding = boolean("embedding", embedding, LayoutError)
+                with_world = boolean("world", world, LayoutError)
             except KeyError as exc:
                 raise self._refuse(state, label, BridgeError(str(exc.args[0]))) from None
             except BridgeError as exc:
@@ -194,6 +198,8 @@ class Bridge(BridgeBase):
                     self.expert_groups(size)
                 if with_embedding:
                     self.embedding_groups()
+                if with_world:
+                    self.world()
 
             return self._batched(label, asks)
 

@@ -24,7 +24,7 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tu
 import torch.distributed as dist
 
 from . import _torch
-from .errors import BridgeError, LayoutError, MpuError
+from .errors import BridgeError, LayoutError, MpuError, OutsideSpanError
 from .layout import DEFAULT_ORDER, Layout
 from .mpu import MpuReader
 from .partitions import Partition
@@ -56,9 +56,9 @@ class Outside(NamedTuple):
     rank: int
     layout: Layout
 
-    def error(self) -> BridgeError:
+    def error(self) -> OutsideSpanError:
         span = self.layout.ranks
-        return BridgeError(
+        return OutsideSpanError(
             f"rank {self.rank} is outside this bridge's rank span {span[0]}..{span[-1]} "
             f"(rank_offset {self.layout.rank_offset}, local_world_size {self.layout.world_size}) "
             "and holds none of its groups; ask the bridge of the module this rank runs"
@@ -99,6 +99,7 @@ class BridgeBase:
         expert_gtp_remat: Optional[int] = None,
         rank_offset: Optional[int] = None,
         local_world_size: Optional[int] = None,
+        module: Optional[str] = None,
     ) -> None:
         if not dist.is_available() or not dist.is_initialized():
             raise BridgeError(
@@ -124,6 +125,7 @@ class BridgeBase:
                      rank_offset=rank_offset, local_world_size=local_world_size)
         self._sizes = {k: v for k, v in sizes.items() if v is not None}
         self._mpu_object = mpu
+        self._module = module
         self._default_group = _torch.default_group()
         self._closed = False
         self._warned_clamp: set = set()
@@ -132,7 +134,8 @@ class BridgeBase:
 
     def _build_state(self) -> State:
         return read_state(
-            self._mpu_object, self.world_size, self.rank, self._order, self._registry_options, self._sizes
+            self._mpu_object, self.world_size, self.rank, self._order, self._registry_options, self._sizes,
+            module=self._module,
         )
 
     # -- staying current ---------------------------------------------------------------

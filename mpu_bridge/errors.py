@@ -13,6 +13,7 @@ __all__ = [
     "MpuError",
     "PlanMismatchError",
     "GroupCreationError",
+    "OutsideSpanError",
 ]
 
 
@@ -38,3 +39,8 @@ class PlanMismatchError(BridgeError):
 
 class GroupCreationError(BridgeError):
     """A process group could not be created, or the ranks did not all arrive in time."""
+
+
+class OutsideSpanError(BridgeError):
+    """This rank is outside the rank span of a bridge's layout (one module of a
+    multi-module trainer), so that bridge holds no group for it."""

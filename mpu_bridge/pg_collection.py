@@ -63,6 +63,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Tuple
 import torch.distributed as dist
 
 from . import partitions
+from .bridge_base import Outside
 from .errors import MpuError
 from .kinds import KIND_TABLE
 from .optional import MissingDependencyError, require
@@ -260,6 +261,12 @@ def collection_groups(
     out = _from_mpu(bridge, reader.mpu, ordered) if reader is not None else {}
     held = getattr(reader.mpu, "all_gather_groups", {}) if reader is not None else {}
     bridge.prepare(_kinds_to_make(bridge, ordered, out, held, all_gather))  # one agreement round
+    # then, apart, what leaves ranks out (every covering rank set is registered first): the
+    # embedding groups, and a rank span's group of all its ranks (the world's needs no round)
+    embedding = bool(needs & {"embd", "pos_embd"}) and ("embd" not in out or "pos_embd" not in out)
+    bridge.prepare([], embedding=embedding, world="intra_dist_opt" in needs and "intra_dist_opt" not in out)
+    if not bridge.layout.holds(bridge.rank):  # took part in both rounds, holds none of the groups
+        raise Outside(bridge.rank, bridge.layout).error()
     for field in ordered:
         if field in out or field in ALL_GATHER_FIELDS or field in ("embd", "pos_embd"):
             continue
@@ -273,8 +280,7 @@ def collection_groups(
             out[field] = out.get("dp_cp") or bridge.group("dp-cp").group
         elif field == "intra_expt_dp":
             out[field] = out.get("expt_dp") or bridge.group("edp").group
-    if needs & {"embd", "pos_embd"} and ("embd" not in out or "pos_embd" not in out):
-        # after the covering kinds: these leave ranks out, so every covering rank set is registered first
+    if embedding:
         embd, pos = _embedding_groups(bridge)
         out.setdefault("embd", embd)
         out.setdefault("pos_embd", pos)

@@ -29,10 +29,11 @@ from .collection_mpu import CollectionMpu, is_collection
 from .errors import BridgeError, LayoutError, MpuError
 from .grid_mpu import grid_groups, grid_layout, is_grid, kind_of_dims
 from .kinds import KIND_BY_DIM, KINDS, kind_named
-from .layout import DEFAULT_ORDER, Layout, plan
+from .layout import DEFAULT_ORDER, GTP, Layout, plan
 from .mpu import MpuReader, check_is_mpu
 from .mpu.names import ALL_DIMENSIONS
 from .mpu.order import infer_order
+from .multi_module import is_multi_collection, module_collection
 from .registry import GroupRegistry
 from .validate import integer, positive_int
 
@@ -167,6 +168,7 @@ def read_state(
     order: Optional[str],
     registry_options: Mapping[str, Any],
     sizes: Optional[Mapping[str, Any]] = None,
+    module: Optional[str] = None,
 ) -> State:
     """Read ``mpu`` (None: standalone) into a complete :class:`State`; local, no communication.
 
@@ -176,6 +178,11 @@ def read_state(
     rank order (or not ``order``, when given); LayoutError for standalone sizes that
     form no layout.
     """
+    if is_multi_collection(mpu):
+        mpu = module_collection(mpu, module)
+    elif module is not None:
+        raise MpuError(f"module={module!r} picks one module of a MultiModuleProcessGroupCollection, "
+                       f"but the MPU is a {type(mpu).__name__}: drop module=")
     if mpu is not None and _is_device_mesh(mpu):
         from .mesh import MeshMpu  # imported only for a mesh
 
@@ -198,8 +205,10 @@ def read_state(
         check_is_mpu(mpu)
         reader = MpuReader(mpu)
         with reader.snapshot():  # the MPU does not change while it is read here
-            reader.check_against_world(world_size, rank)
-            layout = _layout_from_mpu(reader, world_size, rank, order)
+            offset, size = _collection_span(reader, world_size, rank, order) if isinstance(mpu, CollectionMpu) \
+                else (0, world_size)
+            reader.check_against_world(size, rank, offset)
+            layout = _layout_from_mpu(reader, size, rank, order, offset)
             borrowed = _borrow(reader, registry, world_size, rank)
     except MpuError as exc:
         registry.close()
@@ -286,16 +295,52 @@ def _collection_error(exc: MpuError) -> MpuError:
     )
 
 
-def _layout_from_mpu(reader: MpuReader, world_size: int, rank: int, given: Optional[str]) -> Layout:
+def _collection_span(reader: MpuReader, world_size: int, rank: int, given: Optional[str]) -> Tuple[int, int]:
+    """``(rank_offset, ranks)`` of the layout a collection's groups describe: the world, or
+    -- one module of a multi-module trainer -- a rank span inside it, placed by this rank's
+    position in each of its groups (every group is then checked against that layout).
+
+    Example: a collection of tp 2 (field ``tp`` = [6, 7]) and dp 2 (``dp`` = [5, 7]) on
+    rank 7 of 8 is the span (4, 4): ranks 4..7.
+    """
+    sizes = reader.sizes()
+    if sizes.dp is None:
+        return 0, world_size
+    size = sizes.tp * sizes.pp * sizes.cp * sizes.gtp * sizes.dp
+    if size >= world_size:
+        return 0, world_size  # the world (or too many ranks: the checks say so)
+    try:
+        layout = _layout_from_mpu(reader, size, 0, given, check=False)
+    except MpuError as exc:
+        raise MpuError(f"its groups cover {size} of the world's {world_size} ranks, a rank span, "
+                       f"but they give no rank order: {exc}") from None
+    local = 0
+    for token, dim in (("tp", "tp"), ("cp", "cp"), ("dp", "dp"), ("pp", "pp"), (GTP, "gtp")):
+        if layout.dense.size_of(token) == 1:
+            continue
+        if not _answers(reader, dim):
+            raise MpuError(f"its groups cover {size} of the world's {world_size} ranks (a rank span), "
+                           f"but it holds no {dim} group to place rank {rank} in that span")
+        local += sorted(reader.group_ranks(dim)).index(rank) * layout.dense.stride_of(token)
+    offset = rank - local
+    if offset < 0 or offset + size > world_size:
+        raise MpuError(f"its groups place rank {rank} at position {local} of a rank span of {size} ranks, "
+                       f"which would start at rank {offset}, outside the world of {world_size}")
+    return offset, size
+
+
+def _layout_from_mpu(
+    reader: MpuReader, world_size: int, rank: int, given: Optional[str], rank_offset: int = 0, check: bool = True
+) -> Layout:
     sizes = reader.sizes()
     own = {dim: reader.group_ranks(dim) for dim in _ORDER_DIMS if _answers(reader, dim)}
     order = given or sizes.order or infer_order(world_size, {}, own)
     try:
         layout = plan(world_size, tp=sizes.tp, pp=sizes.pp, cp=sizes.cp, ep=sizes.ep or 1, etp=sizes.etp,
-                      order=order, gtp_remat=sizes.gtp, expert_gtp_remat=sizes.egtp)
+                      order=order, gtp_remat=sizes.gtp, expert_gtp_remat=sizes.egtp, rank_offset=rank_offset)
     except LayoutError as exc:
         raise MpuError(f"the MPU's sizes and order {order!r} do not form a Megatron layout: {exc}") from None
-    wrong = _mismatching_dims(reader, layout, rank)
+    wrong = _mismatching_dims(reader, layout, rank) if check else []
     if wrong:
         fix = (f"the order given to attach ({given!r}) is not the MPU's" if given
                else "pass attach(mpu, order=...) with its order")

@@ -23,13 +23,16 @@ if TYPE_CHECKING:  # the reader calls into this module; only its type is needed 
 __all__ = ["check_against_world"]
 
 
-def check_against_world(reader: MpuReader, world_size: int, rank: int) -> None:
+def check_against_world(reader: MpuReader, world_size: int, rank: int, rank_offset: int = 0) -> None:
     """Raise :class:`MpuError` with the numbers when the MPU contradicts the world.
 
     Checks tp·pp·dp·cp·gtp = world; every group the MPU returns has as many ranks as it
     reports and contains ``rank`` at the reported index; sequence-data = dp·cp;
     model = tp·gtp·pp; etp·ep·edp·pp·egtp = world when experts are known (gtp and egtp
     are megatron-core 0.19's GTP sizes, 1 elsewhere).
+
+    With ``rank_offset``, ``world_size`` ranks from there are the MPU's (a rank span, e.g.
+    one module's collection): its groups must lie inside them.
 
     Example: an MPU reporting tp=2, pp=2, dp=4 in a world of 8 raises
     ``MpuError("... tp·pp·dp·cp = 2·2·4·1 = 16, but the world has 8 ranks ...")``.
@@ -68,11 +71,11 @@ def check_against_world(reader: MpuReader, world_size: int, rank: int) -> None:
         expected["edp"] = world_size // expert
         expected["egtp-edp"] = sizes.egtp * expected["edp"]
     for dim in ALL_DIMENSIONS:
-        _check_dim(reader, dim, world_size, rank, expected.get(dim))
+        _check_dim(reader, dim, world_size, rank, expected.get(dim), rank_offset)
 
 
 def _check_dim(
-    reader: MpuReader, dim: str, world_size: int, rank: int, expected: Optional[int]
+    reader: MpuReader, dim: str, world_size: int, rank: int, expected: Optional[int], rank_offset: int = 0
 ) -> None:
     """Check one dimension's size, rank, group and group ranks against the world and ``rank``."""
     if not reader.has(dim):
@@ -112,10 +115,11 @@ def _check_dim(
             f"the MPU's {dim} group has {len(ranks)} ranks {ranks} (from {ranks_source}), "
             f"but the MPU reports a {dim} size of {size} (from {size_source})"
         )
-    if min(ranks) < 0 or max(ranks) >= world_size or len(set(ranks)) != len(ranks):
+    if min(ranks) < rank_offset or max(ranks) >= rank_offset + world_size or len(set(ranks)) != len(ranks):
+        where = (f"the world of {world_size}" if not rank_offset
+                 else f"its rank span {rank_offset}..{rank_offset + world_size - 1}")
         raise MpuError(
-            f"the MPU's {dim} group {ranks} (from {ranks_source}) is not a set of distinct "
-            f"ranks of the world of {world_size}"
+            f"the MPU's {dim} group {ranks} (from {ranks_source}) is not a set of distinct ranks of {where}"
         )
     if rank not in ranks:
         raise MpuError(

@@ -369,10 +369,11 @@ class MpuReader:
         return MpuSizes(tp=tp, pp=pp, dp=dp, cp=cp, ep=ep, etp=etp, order=self._order(), flavour=self.flavour,
                         gtp=gtp, egtp=egtp)
 
-    def check_against_world(self, world_size: int, rank: int) -> None:
-        """Raise :class:`MpuError` with the numbers when the MPU contradicts the world
-        (see :func:`mpu_bridge.mpu.checks.check_against_world`)."""
-        checks.check_against_world(self, world_size, rank)
+    def check_against_world(self, world_size: int, rank: int, rank_offset: int = 0) -> None:
+        """Raise :class:`MpuError` with the numbers when the MPU contradicts the world, or the
+        rank span of ``world_size`` ranks from ``rank_offset`` (see
+        :func:`mpu_bridge.mpu.checks.check_against_world`)."""
+        checks.check_against_world(self, world_size, rank, rank_offset)
 
     # -- internals -----------------------------------------------------------------
 
