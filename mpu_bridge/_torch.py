@@ -14,11 +14,12 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 import torch.distributed as dist
 from torch.distributed import distributed_c10d as _c10d
@@ -30,6 +31,8 @@ __all__ = [
     "live_groups",
     "group_counter",
     "advance_group_counter",
+    "counter_is_salt",
+    "counter_at",
     "group_name",
     "hashed_group_name",
     "MemberOnlyNaming",
@@ -81,6 +84,38 @@ def advance_group_counter(value: int) -> None:
     """
     if value > group_counter():
         _c10d._world.group_count = value
+
+
+def counter_is_salt() -> bool:
+    """Whether PyTorch hashes its group counter into member-only group names (it does from
+    2.14), found by behaviour: the counter is moved to a probe value for one call of
+    ``_hash_ranks_to_str`` and put back. False where naming is not recognised at all."""
+    if not member_only_naming().recognised:
+        return False
+    saved = group_counter()
+    trial = saved + len(_c10d._world.pg_names) + 1_000_003  # equals no held-group count
+    try:
+        with counter_at(trial):
+            return str(_c10d._hash_ranks_to_str(list(_PROBE_RANKS))) == hashed_group_name(_PROBE_RANKS, trial)
+    except Exception:  # a changed private API: not the counter, whatever it raises
+        return False
+
+
+@contextlib.contextmanager
+def counter_at(value: int) -> Iterator[None]:
+    """Run the body with PyTorch's group counter at ``value``, then put the counter back.
+
+    Where :func:`counter_is_salt`, a member-only group created inside is named
+    ``sha1("<ranks>_<value>")``: a name the caller chose, and the counter -- which names
+    every all-ranks group -- is left as it was. Example:
+    ``with counter_at(2**52): new_group(ranks, use_local_synchronization=True)``.
+    """
+    saved = group_counter()
+    _c10d._world.group_count = value
+    try:
+        yield
+    finally:
+        _c10d._world.group_count = saved
 
 
 def group_name(group: Any) -> Optional[str]:

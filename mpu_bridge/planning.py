@@ -23,7 +23,7 @@ from .partitions import Partition
 
 __all__ = [
     "STRATEGIES", "FALLBACK_REASONS", "digest", "reuse_votes", "merge_votes", "salts", "safe_without_check",
-    "decide_strategy",
+    "decide_strategy", "decide_span_strategy", "span_salt",
 ]
 
 #: The creation strategies a registry can use (``"auto"`` picks one of them).
@@ -214,3 +214,50 @@ def decide_strategy(
     if not fresh_names:
         return "new_group", FALLBACK_REASONS["stale"]
     return chosen, None
+
+
+#: The smallest salt :func:`span_salt` gives: far above any group counter PyTorch reaches
+#: by counting, so a chosen name never meets a name PyTorch chose.
+SPAN_SALT_BASE = 1 << 52
+
+
+def span_salt(namespace: str, round_number: int) -> int:
+    """The first salt of the batch agreed in round ``round_number`` of ``namespace`` (a
+    rank span's agreement namespace); the batch's ``i``-th created partition uses ``+ i``
+    (``i < 4096``). Unique per (namespace, round) while the store lives, so names never
+    repeat. Example: ``span_salt("s", 2) - span_salt("s", 1) == 4096``.
+    """
+    if not 0 < round_number < 1 << 24:
+        raise ValueError(f"round number {round_number} is outside 1..2**24-1")
+    space = int.from_bytes(hashlib.blake2b(namespace.encode("utf-8"), digest_size=2).digest(), "big") >> 4
+    return SPAN_SALT_BASE + (space << 36) + (round_number << 12)
+
+
+def decide_span_strategy(
+    *, creating: bool, mixed: bool, bound: bool, salted: bool, named: bool, equal_salts: bool, fresh_names: bool
+) -> Tuple[str, Optional[str]]:
+    """``(strategy, problem)`` for a batch only a rank span's members take part in: the ranks
+    outside never enter a ``new_group``, so there is no all-ranks fallback; a batch that
+    cannot be created member-only safely is a ``problem`` (the registry raises it on every
+    member). ``salted``: every member's PyTorch hashes its group counter (from 2.14), so the
+    registry names the groups itself (``"salted"``); else PyTorch's own member-only naming,
+    when the round shows it safe. Inputs are unanimous facts. Example:
+    ``decide_span_strategy(creating=True, mixed=False, bound=False, salted=True, named=True,
+    equal_salts=False, fresh_names=False) == ("salted", None)``.
+    """
+    if not creating:
+        return "local_new_group", None
+    if bound:
+        return "", ("the default group is bound to a device, so every new_group is a world-wide split "
+                    "that the ranks outside the span never join")
+    if mixed:
+        return "", FALLBACK_REASONS["mixed"]
+    if not named:
+        return "", FALLBACK_REASONS["naming"]
+    if salted:
+        return "salted", None
+    if not equal_salts:
+        return "", FALLBACK_REASONS["salt"]
+    if not fresh_names:
+        return "", FALLBACK_REASONS["stale"]
+    return "local_new_group", None

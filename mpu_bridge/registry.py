@@ -80,7 +80,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch.distributed as dist
 
 from . import _torch, planning, strategies
-from .agreement import Agreement, agree
+from .agreement import NAMESPACE, Agreement, agree
 from .errors import BridgeError, GroupCreationError, LayoutError
 from .partitions import Partition, abbrev
 from .planning import STRATEGIES
@@ -203,6 +203,9 @@ class GroupRegistry:
         # a partition's groups knows it exists on the others only from this).
         self._ensured: set = set()
         self._world_borrowed: Any = None  # the first borrowed group over the whole world
+        self.scope: Optional[range] = None  # the ranks that take part in every batch (None: the world)
+        self._salted: Optional[strategies.SaltedNewGroup] = None  # the batch's, when it names groups itself
+        self._unchecked_batches = 0
         self.created = self.borrowed = self.reused = self.agreements = self.fallbacks = 0
         logger.info(
             "mpu-bridge: creating process groups with strategy %s (requested %s, backend %s, plan check %s)",
@@ -251,6 +254,21 @@ class GroupRegistry:
         return self._strategies[name]
 
     # -- public API ------------------------------------------------------------------
+
+    def narrow(self, ranks: range) -> None:
+        """Make the rank span ``ranks`` (holding this rank) the only ranks that take part in
+        this registry's batches: a bridge read from one module's collection, which the ranks
+        outside never build. Its groups are then created member-only (see
+        :func:`mpu_bridge.planning.decide_span_strategy`): no rank outside ever enters a
+        ``new_group``, and PyTorch's group counters stay as they were. Before any batch.
+        Example: ``registry.narrow(range(8, 64))`` on ranks 8..63.
+        """
+        with self._lock:
+            if self.rank not in ranks or ranks.start < 0 or ranks.stop > self.world_size or ranks.step != 1:
+                raise GroupCreationError(f"rank {self.rank}: {ranks} is not a rank span of the world holding it")
+            if self.agreements:
+                raise GroupCreationError("narrow() comes before the registry's first batch")
+            self.scope = ranks if len(ranks) < self.world_size else None
 
     def borrow(self, ranks: Sequence[int], group: Any) -> Any:
         """Register ``group`` (owned by the MPU) for ``ranks``; it is reused, never destroyed.
@@ -403,9 +421,7 @@ class GroupRegistry:
         digest = "invalid-" + hashlib.sha1(message.encode("utf-8")).hexdigest()
         summary = f"an invalid request ({message[:300]}){' from ' + label if label else ''}"
         try:
-            self.agreements += 1
-            agree(self._store, rank=self.rank, world_size=self.world_size, digest=digest,
-                  summary=summary, timeout=self.agreement_timeout)
+            self._agree(digest=digest, summary=summary)
         except (BridgeError, RuntimeError) as other:
             logger.debug("mpu-bridge: rank %d: round after invalid input ended with %s", self.rank, other)
 
@@ -475,6 +491,8 @@ class GroupRegistry:
     ) -> Tuple[List[Optional[bool]], str, Optional[int]]:
         """Agree on the batch and decide, identically on every rank, what to reuse, how to
         create, and the group counter every rank moves to afterwards (None: leave it)."""
+        if self.scope is not None:
+            return (*self._plan_span_batch(parts, label), None)
         votes = planning.reuse_votes(parts, self._registered(), self.world_size if self.serves_world() else 0)
         if not self.verify_plan:
             return (*self._plan_unchecked(parts, votes), None)
@@ -482,9 +500,7 @@ class GroupRegistry:
         digest, summary = planning.digest(
             parts, label, backend=self.backend, strategy=self.requested_strategy, options=self.pg_options
         )
-        self.agreements += 1
-        result = agree(self._store, rank=self.rank, world_size=self.world_size, digest=digest,
-                       summary=summary, facts=facts, timeout=self.agreement_timeout, grouped=grouped)
+        result = self._agree(digest=digest, summary=summary, facts=facts, grouped=grouped)
         reuse: List[Optional[bool]]
         if result.is_unanimous("reuse"):
             reuse = [v == "1" for v in votes]
@@ -512,6 +528,67 @@ class GroupRegistry:
         if strategy == "local_new_group" and not covering and evenable:
             even = _even_counter(int(facts["seq"]), reuse)
         return reuse, strategy, even
+
+    def _agree(self, **round_args: Any) -> Agreement:
+        """One agreement round of every rank of the world, or of the span's ranks only
+        (numbered from the span's first rank, in a namespace of the span's own)."""
+        self.agreements += 1
+        if self.scope is None:
+            return agree(self._store, rank=self.rank, world_size=self.world_size,
+                         timeout=self.agreement_timeout, **round_args)
+        start, size = self.scope.start, len(self.scope)
+        try:
+            return agree(self._store, rank=self.rank - start, world_size=size, timeout=self.agreement_timeout,
+                         namespace=f"{NAMESPACE}/span/{start}+{size}", **round_args)
+        except BridgeError as exc:
+            raise type(exc)(f"{exc} [in the rank span {start}..{start + size - 1}: the ranks named here "
+                            f"count from its first rank; add {start} for the global rank]") from None
+
+    def _plan_span_batch(self, parts: Sequence[Partition], label: str) -> Tuple[List[Optional[bool]], str]:
+        """The decision for a batch only the span's ranks take part in (see :meth:`narrow`)."""
+        scope = self.scope if self.scope is not None else range(self.world_size)
+        votes = planning.reuse_votes(parts, self._registered(), 0)
+        salted = _torch.counter_is_salt()
+        if not self.verify_plan:  # no round: every member decides from what it alone knows
+            reuse: List[Optional[bool]] = [
+                v == "1" or (v == "-" and p.fingerprint() in self._ensured) for p, v in zip(parts, votes)
+            ]
+            self._unchecked_batches += 1
+            facts: Dict[str, str] = {}
+            result: Optional[Agreement] = None
+            equal = planning.safe_without_check(parts, len(scope)) and not self._uneven
+        else:
+            facts, grouped = _batch_facts(parts, votes, "local_new_group", self._store)
+            facts["salted"] = "1" if salted else "0"
+            facts["bound"] = "1" if _torch.bound_device() is not None else "0"
+            digest, summary = planning.digest(
+                parts, label, backend=self.backend, strategy=self.requested_strategy, options=self.pg_options
+            )
+            result = self._agree(digest=digest, summary=summary, facts=facts, grouped=grouped)
+            reuse = ([v == "1" for v in votes] if result.is_unanimous("reuse")
+                     else planning.merge_votes(parts, result.collect().facts.get("reuse", ())))
+            equal = all(reused is not False or result.groups_agree(name, p.num_groups)
+                        for p, reused, name in zip(parts, reuse, grouped))
+        strategy, problem = planning.decide_span_strategy(
+            creating=not all(reuse), mixed=any(r is None for r in reuse),
+            bound=_torch.bound_device() is not None if result is None else not _everyone_zero(result, facts, "bound"),
+            salted=salted if result is None else _everyone(result, facts, "salted"),
+            named=_torch.member_only_naming().recognised if result is None else _everyone(result, facts, "naming"),
+            equal_salts=equal, fresh_names=True if result is None else _everyone(result, facts, "fresh"),
+        )
+        if problem is not None:
+            raise GroupCreationError(
+                f"rank {self.rank}: cannot create {label or 'these groups'} over the rank span "
+                f"{scope[0]}..{scope[-1]} member-only: {problem}. The ranks outside the span do not "
+                "take part, so no rank can enter every group instead"
+            )
+        if strategy == "salted":
+            namespace = f"{NAMESPACE}/span/{scope.start}+{len(scope)}"
+            number = result.round if result is not None else self._unchecked_batches
+            backend = self.backend if self.backend != self.default_backend else None
+            self._salted = strategies.SaltedNewGroup(base=planning.span_salt(namespace, number),
+                                                     timeout=self.timeout, pg_options=self.pg_options, backend=backend)
+        return reuse, strategy
 
     def _plan_unchecked(self, parts: Sequence[Partition], votes: List[str]) -> Tuple[List[Optional[bool]], str]:
         """The decision without the round, from what every rank knows alike (see the module docstring)."""
@@ -588,7 +665,7 @@ class GroupRegistry:
         dist.destroy_process_group(duplicate)
 
     def _create(self, p: Partition, strategy: str) -> Optional[Any]:
-        creator = self._strategy(strategy)
+        creator = self._salted if strategy == "salted" and self._salted is not None else self._strategy(strategy)
         try:
             group = creator.create(p)
         except BridgeError:
@@ -650,6 +727,11 @@ def _unpark_at_exit() -> None:
     if batches:
         time.sleep(0.2)  # the workers of a group used just before exit retire its collectives
     batches.clear()
+
+
+def _everyone_zero(result: Agreement, facts: Dict[str, str], name: str) -> bool:
+    """Whether every rank published ``"0"`` for fact ``name``."""
+    return facts.get(name, "0") == "0" and result.is_unanimous(name)
 
 
 def _everyone(result: Agreement, facts: Dict[str, str], name: str) -> bool:

@@ -209,6 +209,8 @@ def read_state(
                 else (0, world_size)
             reader.check_against_world(size, rank, offset)
             layout = _layout_from_mpu(reader, size, rank, order, offset)
+            if size < world_size:  # one module's collection: only its ranks build this bridge
+                registry.narrow(layout.ranks)
             borrowed = _borrow(reader, registry, world_size, rank)
     except MpuError as exc:
         registry.close()

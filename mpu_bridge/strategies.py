@@ -7,6 +7,9 @@
   ``new_group(own, use_local_synchronization=True)``; non-members do nothing.
 * :class:`AllRanksNewGroup` -- every rank enters every group's ``new_group`` in the
   agreed order (what megatron-core does); the fallback for everything else.
+* :class:`SaltedNewGroup` -- member-only, each group named with a salt the registry
+  chose (where PyTorch's group counter is the salt: from 2.14), the counter put back
+  after: for a registry whose batches only a rank span's members take part in.
 
 :func:`choose` resolves ``"auto"`` (or checks an explicit request) from the runtime
 state once per registry. Each strategy's ``create(partition)`` returns this rank's
@@ -30,7 +33,7 @@ from . import _torch
 from .errors import GroupCreationError, LayoutError
 from .partitions import Partition, _check_ranks, abbrev
 
-__all__ = ["Strategy", "SplitGroup", "LocalNewGroup", "AllRanksNewGroup", "choose", "by_name"]
+__all__ = ["Strategy", "SplitGroup", "LocalNewGroup", "SaltedNewGroup", "AllRanksNewGroup", "choose", "by_name"]
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +106,42 @@ class LocalNewGroup(Strategy):
             name = name or predicted
         self.last_name = name
         return group
+
+
+class SaltedNewGroup(LocalNewGroup):
+    """Member-only ``new_group``, the ``i``-th created partition of a batch named with salt
+    ``base + i`` (:func:`mpu_bridge.planning.span_salt`), PyTorch's group counter put back
+    after each (:func:`mpu_bridge._torch.counter_at`): every member hashes the same salt
+    whatever groups it held before, names never repeat, and no rank's counter moves.
+    Only where :func:`mpu_bridge._torch.counter_is_salt`. One instance per batch; every
+    rank calls :meth:`create` for every created partition, members or not."""
+
+    name = "salted_local_new_group"
+
+    def __init__(self, *, base: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.base = base
+        self.count = 0
+
+    def create(self, p: Partition) -> Optional[Any]:
+        salt = self.base + self.count
+        self.count += 1
+        if self.count > SALTS_PER_BATCH:
+            raise GroupCreationError(f"a batch creates at most {SALTS_PER_BATCH} partitions; split the request")
+        if p.own is None:
+            return None
+        with _torch.counter_at(salt):
+            group = dist.new_group(list(p.own), use_local_synchronization=True, **self._new_group_kwargs(p.key))
+        name = _torch.group_name(group)
+        predicted = _torch.hashed_group_name(p.own, salt)
+        if name is not None and name != predicted:
+            _torch.distrust(f"PyTorch named a member-only group {name}, not {predicted} (salt {salt})")
+        self.last_name = name or predicted
+        return group
+
+
+#: Salts one :class:`SaltedNewGroup` batch may use (see :func:`mpu_bridge.planning.span_salt`).
+SALTS_PER_BATCH = 4096
 
 
 def _check_naming(name: Optional[str], predicted: str, naming: _torch.MemberOnlyNaming, moved: int) -> None:

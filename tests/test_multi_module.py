@@ -154,3 +154,58 @@ def test_a_rank_in_no_module_gets_a_clear_error_and_the_others_their_collection(
     observed = run_ranks(_every_rank_outside, WORLD, timeout=120)
     assert all("runs none of the modules ['llm']" in message for message in observed[:2])
     assert observed[2:] == ["ok"] * 4
+
+
+def _derive_over_one_module(rank: int, world: int) -> Dict[str, Any]:
+    import torch.distributed as dist
+
+    import mpu_bridge
+    from mpu_bridge import _torch
+    from mpu_bridge.multi_module import multi_module_collection
+
+    encoder = mpu_bridge.attach(None, **ENCODER)
+    llm = mpu_bridge.attach(None, tp=1, rank_offset=2, local_world_size=4)  # dp 4
+    multi = multi_module_collection({"encoder": encoder, "llm": llm}, language_model="llm")
+    counter = _torch.group_counter()
+    obs: Dict[str, Any] = {}
+    if rank >= 2:  # only the language model's ranks: the encoder's never build this bridge
+        back = mpu_bridge.attach(multi, module="llm", agreement_timeout=30)
+        experts = back.expert_groups(2, data_before_expert=True)  # D+E: strided, not held
+        obs["strategy"] = back.registry.last_strategy
+        obs["ep"] = experts.expert_parallel.ranks
+        obs["world"] = back.world().ranks
+        obs["sum"] = _sum(experts.expert_parallel.group, rank)
+        obs["created"] = back.stats()["created"]
+        back.close()
+    obs["counter_moved"] = _torch.group_counter() - counter
+    everyone = dist.new_group(list(range(world)))  # all-ranks: named alike only if the counters are equal
+    obs["everyone"] = _sum(everyone, rank)
+    encoder.close()
+    llm.close()
+    return obs
+
+
+def _sum(group: Any, rank: int) -> int:
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor([rank])
+    dist.all_reduce(t, group=group)
+    return int(t)
+
+
+def test_a_module_read_back_derives_what_it_lacks_among_its_own_ranks_only():
+    from _torch_rule import member_only_moves_counter
+
+    observed = run_ranks(_derive_over_one_module, WORLD, timeout=180)
+    llm = observed[2:]
+    # dp 4 on ranks 2..5: DeepSpeed's D+E puts the expert-parallel peers a stride apart
+    assert [o["ep"] for o in llm] == [(2, 4), (3, 5), (2, 4), (3, 5)]
+    assert [o["sum"] for o in llm] == [6, 8, 6, 8]
+    assert [o["world"] for o in llm] == [(2, 3, 4, 5)] * 4
+    assert [o["created"] for o in llm] == [2] * 4  # the ep and the edp group, by their members
+    expected = "salted" if member_only_moves_counter() else "local_new_group"
+    assert [o["strategy"] for o in llm] == [expected] * 4
+    # nobody's PyTorch group counter moved, so the all-ranks group after works everywhere
+    assert [o["counter_moved"] for o in observed] == [0] * WORLD
+    assert [o["everyone"] for o in observed] == [15] * WORLD

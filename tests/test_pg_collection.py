@@ -25,7 +25,6 @@ import pytest
 
 from _megatron import initialize_megatron, megatron_parallel_state, supports_gtp
 from _multiproc import run_ranks
-from _torch_rule import member_only_moves_counter
 from mpu_bridge import partitions
 from mpu_bridge.layout import plan
 from mpu_bridge.optional import MissingDependencyError, is_available

@@ -146,7 +146,8 @@ def test_two_span_bridges_give_each_module_its_own_groups_and_outsiders_a_clear_
     # the collectives ran on the groups: each sum is its members' ranks
     assert [obs["sums"]["llm"]["tp"] for obs in observed[2:]] == [5, 5, 9, 9]
     assert [obs["sums"]["encoder"]["dp"] for obs in observed[:2]] == [1, 1]
-    assert [obs["world_errors"] for obs in observed] == [{"llm": "BridgeError"}] * 2 + [{"encoder": "BridgeError"}] * 4
+    outside = [{"llm": "OutsideSpanError"}] * 2 + [{"encoder": "OutsideSpanError"}] * 4
+    assert [obs["world_errors"] for obs in observed] == outside
     for obs in observed[:2]:
         assert "outside this bridge's rank span 2..5" in obs["errors"]["llm"]
     for obs in observed[2:]:
@@ -222,5 +223,92 @@ def _outsider_asks_again(rank: int, world: int) -> Dict[str, Any]:
 
 def test_an_outsider_asking_after_prepare_gets_the_error_locally_every_time():
     observed = run_ranks(_outsider_asks_again, WORLD)
-    assert [obs["errors"] for obs in observed] == [["BridgeError"] * 2] * 2 + [[]] * 4
+    assert [obs["errors"] for obs in observed] == [["OutsideSpanError"] * 2] * 2 + [[]] * 4
     assert [obs["rounds"] for obs in observed] == [0] * WORLD
+
+
+# -- a registry only a span's ranks take part in (what attach(one module's collection) uses) --
+
+
+def _narrowed(rank: int, world: int, skew: bool) -> Dict[str, Any]:
+    import torch.distributed as dist
+
+    from mpu_bridge import _torch
+    from mpu_bridge.errors import GroupCreationError
+    from mpu_bridge.partitions import dense
+    from mpu_bridge.registry import GroupRegistry
+
+    counter = _torch.group_counter()
+    obs: Dict[str, Any] = {}
+    if rank >= 2:  # ranks 0, 1 never take part
+        if skew and rank == 2:  # rank 2 alone holds one more group (a member-only singleton)
+            dist.new_group([2], use_local_synchronization=True)
+            counter = _torch.group_counter()
+        registry = GroupRegistry(agreement_timeout=30)
+        registry.narrow(range(2, 6))
+        tp = dense(plan(4, tp=2, rank_offset=2), "tp", rank)
+        try:
+            (group,) = registry.ensure([tp])
+            obs["sum"] = _sum_over(group, rank)
+            obs["strategy"] = registry.last_strategy
+        except GroupCreationError as exc:
+            obs["error"] = str(exc)
+        obs["agreements"] = registry.agreements
+        registry.close()
+    obs["counter_moved"] = _torch.group_counter() - counter
+    if not skew:  # the skew itself moved rank 2's counter from PyTorch 2.14: no all-ranks group after it
+        obs["everyone"] = _sum_over(dist.new_group(list(range(world))), rank)
+    return obs
+
+
+def test_a_narrowed_registry_creates_among_the_span_only_and_moves_no_counter():
+    from _torch_rule import member_only_moves_counter
+
+    observed = run_ranks(_narrowed, WORLD, False)
+    expected = "salted" if member_only_moves_counter() else "local_new_group"
+    assert [o.get("strategy") for o in observed] == [None] * 2 + [expected] * 4
+    assert [o.get("sum") for o in observed] == [None, None, 5, 5, 9, 9]
+    assert [o.get("agreements") for o in observed] == [None, None, 1, 1, 1, 1]
+    assert [o["counter_moved"] for o in observed] == [0] * WORLD
+    assert [o["everyone"] for o in observed] == [15] * WORLD
+
+
+def test_a_narrowed_registry_names_groups_itself_where_torch_allows_else_refuses_unequal_salts():
+    # rank 2 holds one group more than rank 3: PyTorch up to 2.13 would name their group
+    # differently on each (its salt is the held-group count); from 2.14 the registry chooses
+    # the salt itself. There is no all-ranks fallback in a span: a clear error, on every member.
+    from _torch_rule import member_only_moves_counter
+
+    observed = run_ranks(_narrowed, WORLD, True)
+    if member_only_moves_counter():
+        assert [o.get("sum") for o in observed[2:]] == [5, 5, 9, 9]
+    else:
+        for o in observed[2:]:
+            assert "over the rank span 2..5 member-only" in o["error"]
+            assert "different salts" in o["error"]
+    assert [o["counter_moved"] for o in observed] == [0] * WORLD
+
+
+def _narrowed_mismatch(rank: int, world: int) -> Any:
+    from mpu_bridge.errors import PlanMismatchError
+    from mpu_bridge.partitions import dense
+    from mpu_bridge.registry import GroupRegistry
+
+    if rank < 2:
+        return None
+    registry = GroupRegistry(agreement_timeout=30)
+    registry.narrow(range(2, 6))
+    tp = dense(plan(4, tp=2 if rank != 5 else 4, rank_offset=2), "tp", rank)
+    try:
+        registry.ensure([tp])
+        return "ok"
+    except PlanMismatchError as exc:
+        return str(exc)
+    finally:
+        registry.close()
+
+
+def test_a_mismatch_inside_a_span_is_raised_on_its_members_saying_how_ranks_are_counted():
+    observed = run_ranks(_narrowed_mismatch, WORLD)
+    for message in observed[2:]:
+        assert "in the rank span 2..5" in message and "add 2 for the global rank" in message
