@@ -33,12 +33,13 @@ Example (every rank)::
 
 from __future__ import annotations
 
+import functools
 import logging
-from typing import Any, Dict, List, Optional, Sequence, Tuple, TypeVar, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, TypeVar, Union
 
 from . import partitions, support
 from .bridge_base import BridgeBase, served
-from .errors import BridgeError, LayoutError
+from .errors import BridgeError, LayoutError, OutsideSpanError
 from .kinds import Kind, kind_named
 from .layout import Layout
 from .legacy_mpu import LegacyMpu
@@ -191,15 +192,18 @@ class Bridge(BridgeBase):
                 raise self._refuse(state, label, exc) from None
 
             def asks() -> None:
-                for spec in specs:
-                    for size in sizes if spec.grid == "expert" and sizes else [None]:
-                        self._group(spec, size, label)
-                for size in sizes:
-                    self.expert_groups(size)
-                if with_embedding:
-                    self.embedding_groups()
-                if with_world:
-                    self.world()
+                calls: List[Callable[[], Any]] = [
+                    functools.partial(self._group, spec, size, label)
+                    for spec in specs for size in (sizes if spec.grid == "expert" and sizes else [None])
+                ]
+                calls += [functools.partial(self.expert_groups, size) for size in sizes]
+                calls += [self.embedding_groups] if with_embedding else []
+                calls += [self.world] if with_world else []
+                for call in calls:
+                    try:
+                        call()
+                    except OutsideSpanError:  # made before, on a rank outside the span: nothing to do
+                        continue
 
             return self._batched(label, asks)
 

@@ -23,6 +23,7 @@ from ..layout import DEFAULT_ORDER
 from ..optional import quiet_missing_numpy, require
 from ..validate import arg_positive_int, arg_seconds
 from .config import DEFAULT_NPROC, DEFAULT_TIMEOUT_S, FAULTS, SelfCheckConfig, validate
+from .modules import parse_modules
 from .rank import resolve_backend
 from .report import format_report, write
 from .runs import launched, run_launched, run_spawned
@@ -116,6 +117,17 @@ def _add_layout_arguments(parser: argparse.ArgumentParser) -> None:
         "--hpz", type=arg_positive_int, default=None, metavar="N", help="also check ZeRO++ hpZ groups of N ranks"
     )
     sizes.add_argument(
+        "--module",
+        action="append",
+        default=None,
+        metavar="NAME:SIZES",
+        help="check a multi-module layout, one rank span per module in the order given, e.g. "
+        "--module encoder:ranks=2 --module llm:tp=2,pp=2 (sizes tp, pp, cp, ep, etp; ranks=N its span's "
+        "length, the last module takes the rest); every rank builds every module's bridge, each proves "
+        "its own module's groups, and the others check that a module refuses them; with "
+        "--via-collection over attach(multi-module collection, module=...) (megatron-core >= 0.17)",
+    )
+    sizes.add_argument(
         "--gpus-per-node",
         type=arg_positive_int,
         default=None,
@@ -161,6 +173,7 @@ def config_from_args(args: argparse.Namespace) -> SelfCheckConfig:
         verbose=args.verbose,
         exports=args.exports,
         via_collection=args.via_collection,
+        modules=parse_modules(args.module or ()),
     )
 
 
@@ -186,6 +199,10 @@ def run(args: argparse.Namespace) -> int:
         from ..pg_collection import collection_class
 
         collection_class()
+        if config.modules:
+            from ..multi_module import multi_collection_class
+
+            multi_collection_class()
     if launched():
         return run_launched(config)
     start = time.monotonic()

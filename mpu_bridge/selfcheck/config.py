@@ -12,6 +12,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
@@ -20,6 +21,7 @@ from ..errors import LayoutError
 from ..kinds import KIND_BY_METHOD, KIND_TABLE, mesh_dims
 from ..layout import DEFAULT_ORDER, Layout, plan
 from ..validate import positive_int
+from .modules import ModuleSpec, spans
 
 __all__ = [
     "DEFAULT_NPROC",
@@ -33,6 +35,7 @@ __all__ = [
     "expected_groups",
     "export_label",
     "label",
+    "module_configs",
     "validate",
 ]
 
@@ -95,6 +98,10 @@ class SelfCheckConfig:
     ...)``). ``exports`` also checks the bridge's ``ProcessGroupCollection`` and
     ``DeviceMesh`` exports (``--exports``).
 
+    ``modules`` (``--module``): a multi-module layout, one rank span per module (see
+    :mod:`mpu_bridge.selfcheck.modules`); each module is checked with a config of its own
+    (:func:`module_configs`), whose ``rank_offset`` and ``local_world_size`` place its span.
+
     Example: ``SelfCheckConfig(nproc=4, with_megatron=True, tp=2, ep=(2,), hpz=2)``.
     """
 
@@ -116,6 +123,9 @@ class SelfCheckConfig:
     verbose: bool = False
     exports: bool = False
     via_collection: bool = False
+    modules: Tuple[ModuleSpec, ...] = ()
+    rank_offset: int = 0
+    local_world_size: Optional[int] = None
 
     def dense_layout(self, world_size: int, gpus_per_node: Optional[int] = None) -> Layout:
         """The planner's layout of the dense groups (and of ``ep[0]``).
@@ -123,7 +133,7 @@ class SelfCheckConfig:
         Example: ``SelfCheckConfig(tp=2).dense_layout(8).size("dp") == 4``.
         """
         return plan(
-            world_size,
+            self.local_world_size or world_size,
             tp=self.tp,
             pp=self.pp,
             cp=self.cp,
@@ -133,6 +143,7 @@ class SelfCheckConfig:
             gpus_per_node=gpus_per_node,
             gtp_remat=self.gtp_remat,
             expert_gtp_remat=self.expert_gtp_remat,
+            rank_offset=self.rank_offset,
         )
 
     def mesh_dims(self, *, expert: bool = False) -> Tuple[str, ...]:
@@ -179,6 +190,11 @@ def validate(config: SelfCheckConfig, world_size: int) -> Layout:
     """
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise LayoutError(f"the number of processes must be a positive integer, got {world_size!r}")
+    if config.modules:
+        _check_module_options(config)
+        layouts = [validate(module, world_size) for _, module in module_configs(config, world_size)]
+        _check_run_options(config, world_size)
+        return layouts[0]
     if not config.ep:
         raise LayoutError("--ep needs at least one expert-parallel size")
     if config.hpz is not None:
@@ -188,6 +204,40 @@ def validate(config: SelfCheckConfig, world_size: int) -> Layout:
     expected_groups(config, world_size, 0)  # every family's own checks (sizes, blocks, nodes)
     _check_run_options(config, world_size)
     return config.dense_layout(world_size)
+
+
+def _check_module_options(config: SelfCheckConfig) -> None:
+    """With ``--module``, the sizes are each module's, and the families beyond the dense kinds,
+    experts and the world (hpZ, all-to-all, the exports, megatron-core's parallel_state) are
+    not checked per module."""
+    plain = SelfCheckConfig()
+    given = [f"--{name.replace('_', '-')}" for name in ("tp", "pp", "cp", "ep", "etp", "gtp_remat",
+                                                         "expert_gtp_remat", "hpz", "gpus_per_node")
+             if getattr(config, name) != getattr(plain, name)]
+    given += [flag for flag, on in (("--with-megatron", config.with_megatron), ("--exports", config.exports)) if on]
+    if config.order != DEFAULT_ORDER:
+        given.append("--order")
+    if given:
+        raise LayoutError(
+            f"with --module, {', '.join(given)} cannot be given: each module's sizes go in its spec "
+            "(e.g. --module encoder:ranks=2 --module llm:tp=2,pp=2)"
+        )
+
+
+def module_configs(config: SelfCheckConfig, world_size: int) -> Tuple[Tuple[str, SelfCheckConfig], ...]:
+    """``(name, config)`` of each ``--module``: the run's options with the module's sizes and span.
+
+    Example: ``module_configs(SelfCheckConfig(modules=parse_modules(["a:ranks=2", "b:tp=2"])), 6)[1][1].rank_offset
+    == 2``.
+    """
+    out = []
+    for spec, offset, size in spans(config.modules, world_size):
+        ep = spec.size("ep") or 1
+        out.append((spec.name, dataclasses.replace(
+            config, modules=(), tp=spec.size("tp") or 1, pp=spec.size("pp") or 1, cp=spec.size("cp") or 1,
+            ep=(ep,), etp=spec.size("etp", None), rank_offset=offset, local_world_size=size,
+        )))
+    return tuple(out)
 
 
 def _dense_groups(dense: Layout, rank: int) -> Dict[str, Tuple[int, ...]]:
@@ -216,7 +266,7 @@ def _optional_groups(config: SelfCheckConfig, dense: Layout, rank: int) -> Dict[
         out[label("zero_param_intra_parallel", "hpz", config.hpz)] = tuple(sorted(own))
     if config.gpus_per_node is not None:
         names = ("all_to_all_local", "all_to_all_cross_node")
-        parts = partitions.all_to_all(dense.world_size, config.gpus_per_node, rank)  # cross-node: several nodes
+        parts = partitions.all_to_all(dense.world_size, config.gpus_per_node, rank, dense.rank_offset)
         for name, part in zip(names, parts, strict=False):
             out[label(name, "gpn", config.gpus_per_node)] = tuple(sorted(part.own or ()))
     return out
@@ -234,7 +284,7 @@ def expected_groups(config: SelfCheckConfig, world_size: int, rank: int) -> Dict
     out = _dense_groups(dense, rank)
     out.update(_expert_groups(config, world_size, rank))
     out.update(_optional_groups(config, dense, rank))
-    out["world"] = tuple(partitions.world(world_size, rank).own or ())
+    out["world"] = tuple(partitions.world(dense.world_size, rank, dense.rank_offset).own or ())
     return out
 
 
@@ -263,7 +313,7 @@ def _expected_fields(dense: Layout, world_size: int, rank: int, fields: Tuple[st
         elif rule == "position_embedding":
             out[field] = _own(partitions.position_embedding(dense, rank))
         elif rule == "world":
-            out[field] = _own(partitions.world(world_size, rank))
+            out[field] = _own(partitions.world(dense.world_size, rank, dense.rank_offset))
         elif rule is not None and rule.startswith("field:"):
             out[field] = _own(partitions.dense(dense, field_kinds[rule[len("field:"):]], rank))
         elif rule == "unknown":

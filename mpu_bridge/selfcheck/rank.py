@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import datetime
 import faulthandler
+import functools
 import logging
 import os
 import signal
@@ -26,11 +27,12 @@ import time
 import traceback
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from ..errors import BridgeError, LayoutError
+from ..errors import BridgeError, LayoutError, OutsideSpanError
+from ..kinds import KIND_BY_METHOD
 from ..layout import DEFAULT_ORDER
-from .config import SelfCheckConfig, expected_exports, expected_groups
+from .config import DENSE_METHODS, SelfCheckConfig, expected_exports, expected_groups, module_configs
 from .probe import create_exports, create_groups, export_fields, run_collectives
-from .results import RankResult
+from .results import OUTSIDE, GroupCheck, RankResult
 
 __all__ = [
     "check_rank",
@@ -217,6 +219,7 @@ class _Run:
         self.phases = _Phases(self.result.phases, None if store is None else _announcer(store, rank))
         self.bridge: Any = None
         self.exporter: Any = None  # with --via-collection: the bridge whose collection is read
+        self.modules: List[Tuple[str, SelfCheckConfig, Any]] = []  # with --module: (name, config, span bridge)
         self.parallel_state: Any = None
         self.default_store: Any = None
 
@@ -244,6 +247,9 @@ class _Run:
         from ..bridge import attach
 
         config = self.config
+        if config.modules:
+            self._attach_modules()
+            return
         options: Dict[str, Any] = {"order": config.order, "agreement_timeout": config.timeout}
         if config.gpus_per_node is not None:
             options["gpus_per_node"] = config.gpus_per_node
@@ -269,6 +275,11 @@ class _Run:
         """Create every group (and, with ``exports``, the collection and meshes), then prove
         its members with collectives."""
         config, bridge = self.config, self.bridge
+        if config.modules:
+            groups = self._module_groups()
+            bridge = self.bridge or next(b for _, _, b in self.modules if b.layout.holds(self.rank))
+            self.result.stats = _summed(b.stats() for b in [self.bridge, *(b for _, _, b in self.modules)] if b)
+            return self._prove(groups, device, on_groups_created)
         planned = expected_groups(config, self.world_size, self.rank)
         groups = self.phases.run("group creation", lambda: create_groups(bridge, config, planned))
         if config.exports:
@@ -276,15 +287,71 @@ class _Run:
             groups = groups + self.phases.run(
                 "exports", lambda: create_exports(bridge, config, expected, groups, device.type)
             )
-        self.result.checks = [check for _, check in groups]
         self.result.stats = dict(bridge.stats())
+        self._prove(groups, device, on_groups_created)
+
+    def _prove(self, groups: List[Tuple[Any, GroupCheck]], device: Any,
+               on_groups_created: Optional[Callable[[], None]]) -> None:
+        self.result.checks = [check for _, check in groups]
         if on_groups_created is not None:
             on_groups_created()
         self.phases.run(
             "collectives",
-            lambda: run_collectives(groups, self.rank, self.world_size, device, config.inject_fault),
+            lambda: run_collectives(groups, self.rank, self.world_size, device, self.config.inject_fault),
         )
         self.phases.current = None
+
+    # -- a multi-module layout (--module) ------------------------------------------------------
+
+    def _attach_modules(self) -> None:
+        """Every module's span bridge, on every rank (as every rank builds every module's grid
+        in megatron-core); with ``--via-collection`` the multi-module collection of them,
+        and this rank's module attached from it."""
+        from ..bridge import attach
+
+        timeout = self.config.timeout
+        for name, cfg in module_configs(self.config, self.world_size):
+            options = dict(tp=cfg.tp, pp=cfg.pp, cp=cfg.cp, ep=cfg.ep[0], rank_offset=cfg.rank_offset,
+                           local_world_size=cfg.local_world_size, agreement_timeout=timeout)
+            if cfg.etp is not None:
+                options["etp"] = cfg.etp
+            self.modules.append((name, cfg, self.phases.run("attach", functools.partial(attach, None, **options))))
+        spans = ", ".join(f"{n} {b.layout.ranks[0]}..{b.layout.ranks[-1]}" for n, _, b in self.modules)
+        self.result.mpu = f"standalone rank spans ({spans})"
+        mine = next(name for name, _, b in self.modules if b.layout.holds(self.rank))
+        if self.config.via_collection:
+            from ..multi_module import multi_module_collection
+
+            bridges = {name: b for name, _, b in self.modules}
+            multi = self.phases.run("attach", lambda: multi_module_collection(bridges))
+            self.bridge = self.phases.run("attach", lambda: attach(multi, module=mine, agreement_timeout=timeout))
+            self.result.mpu = f"MultiModuleProcessGroupCollection of {self.result.mpu}, module {mine} attached"
+        self.result.strategy = (self.bridge or dict((n, b) for n, _, b in self.modules)[mine]).strategy
+
+    def _module_groups(self) -> List[Tuple[Any, GroupCheck]]:
+        """Each module's groups, prepared by every rank in one round per module; its members
+        ask for and check them (over the attached module with ``--via-collection``), the
+        others check that the module's bridge refuses them (OutsideSpanError)."""
+        kinds = [KIND_BY_METHOD[method].name for method in DENSE_METHODS]
+        groups: List[Tuple[Any, GroupCheck]] = []
+        for name, cfg, span_bridge in self.modules:
+            planned = expected_groups(cfg, self.world_size, self.rank)
+            self.phases.run("group creation", functools.partial(span_bridge.prepare, kinds,
+                                                                expert_sizes=list(cfg.ep), world=True))
+            if span_bridge.layout.holds(self.rank):
+                source = self.bridge if self.bridge is not None else span_bridge
+                made = self.phases.run("group creation", functools.partial(create_groups, source, cfg, planned))
+                for _, check in made:
+                    check.label = f"{name}/{check.label}"
+                groups.extend(made)
+                continue
+            refused = _refuses(span_bridge)
+            for label, ranks in planned.items():
+                check = GroupCheck(f"{name}/{label}", (), OUTSIDE, ranks, planner_ok=not ranks, member=False)
+                if not refused:
+                    check.error = f"the module's bridge did not refuse rank {self.rank}, outside its span"
+                groups.append((None, check))
+        return groups
 
     def fail(self, exc: BaseException) -> None:
         self.result.error = f"{type(exc).__name__}: {exc}"
@@ -296,13 +363,30 @@ class _Run:
     def teardown(self) -> None:
         """Close the bridge, then megatron-core's groups; leaves the default group to the caller."""
         try:
-            for bridge in (self.bridge, self.exporter):
+            for bridge in (self.bridge, self.exporter, *(b for _, _, b in self.modules)):
                 if bridge is not None:
                     bridge.close()
             if self.parallel_state is not None:
                 self.parallel_state.destroy_model_parallel()
         except Exception as exc:  # teardown must not mask the checks' outcome
             logger.warning("mpu-bridge selfcheck: teardown failed: %s", exc)
+
+
+def _refuses(bridge: Any) -> bool:
+    """Whether ``bridge`` refuses this rank with OutsideSpanError (it is outside its span)."""
+    try:
+        bridge.tensor_parallel()
+    except OutsideSpanError:
+        return True
+    return False
+
+
+def _summed(stats: Any) -> Dict[str, int]:
+    out: Dict[str, int] = {}
+    for one in stats:
+        for key, value in one.items():
+            out[key] = out.get(key, 0) + value
+    return out
 
 
 def check_rank(

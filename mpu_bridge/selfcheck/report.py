@@ -16,7 +16,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 from ..render import render_text
 from ..text import abbreviate_ranks, table
-from .config import SelfCheckConfig
+from .config import SelfCheckConfig, module_configs
 from .results import PHASES, GroupCheck, RankResult
 
 __all__ = ["NEVER_JOINED", "format_report", "write"]
@@ -181,19 +181,24 @@ def _header(config: SelfCheckConfig, world_size: int, results: Mapping[int, Rank
     """The first line (ranks, launcher, backend, MPU, strategy) and the planner's layout."""
     first = results[min(results)] if results else None
     strategy = next((r.strategy for r in results.values() if r.strategy), None)
-    known = "ProcessGroupCollection" if config.via_collection else "megatron"
+    known = "ProcessGroupCollection" if config.via_collection else "rank spans" if config.modules else "megatron"
     mpu = next((r.mpu for r in results.values() if known in r.mpu), None)
     if mpu is None and config.via_collection:
         mpu = "ProcessGroupCollection"
     mpu = mpu or ("megatron-core parallel_state" if config.with_megatron else "standalone (no MPU)")
     backend = (first.backend if first is not None else "") or config.backend
     gpn = config.gpus_per_node
-    layout = config.dense_layout(world_size, gpn if gpn is not None and world_size % gpn == 0 else None)
+    if config.modules:
+        plans = [f"module {name}:\n" + render_text(cfg.dense_layout(world_size)).rstrip("\n")
+                 for name, cfg in module_configs(config, world_size)]
+    else:
+        plans = [render_text(config.dense_layout(world_size, gpn if gpn is not None and world_size % gpn == 0
+                                                 else None)).rstrip("\n")]
     return [
         f"mpu-bridge selfcheck: {world_size} ranks ({launcher}), backend {backend}, MPU {mpu}, "
         f"group creation {strategy or '?'}",
         "",
-        render_text(layout).rstrip("\n"),
+        "\n\n".join(plans),
         "",
     ]
 

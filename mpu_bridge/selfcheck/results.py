@@ -32,6 +32,7 @@ PHASES: Tuple[str, ...] = (
 BORROWED = "borrowed"  # the MPU's own group, answered as is
 REUSED = "reused"  # a derived query answered by a communicator that already existed
 CREATED = "created"  # a new communicator
+OUTSIDE = "outside span"  # a module's kind on a rank outside that module's rank span
 
 
 @dataclass
