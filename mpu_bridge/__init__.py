@@ -15,8 +15,9 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
     from .bridge import Bridge, attach
+    from .multi_module import multi_module_collection
 
-from .errors import BridgeError, GroupCreationError, LayoutError, MpuError, PlanMismatchError
+from .errors import BridgeError, GroupCreationError, LayoutError, MpuError, OutsideSpanError, PlanMismatchError
 from .layout import DEFAULT_ORDER, KINDS, Layout, ParallelConfig, RankGrid, plan
 
 __version__ = "0.1.0"
@@ -26,6 +27,7 @@ __all__ = [
     "GroupCreationError",
     "LayoutError",
     "MpuError",
+    "OutsideSpanError",
     "PlanMismatchError",
     "DEFAULT_ORDER",
     "KINDS",
@@ -36,9 +38,10 @@ __all__ = [
     "__version__",
     "attach",
     "Bridge",
+    "multi_module_collection",
 ]
 
-_LAZY = {"attach": "bridge", "Bridge": "bridge"}
+_LAZY = {"attach": "bridge", "Bridge": "bridge", "multi_module_collection": "multi_module"}
 
 
 def __getattr__(name: str) -> Any:

@@ -10,6 +10,7 @@ fraction of a second at 2**24 or 2**62 ranks::
     mpu-bridge plan --world-size 64 --tp 2 --pp 2 --ep 4 --gpus-per-node 8 \\
         --format svg --color-by ep --output plan.svg
     mpu-bridge plan --world-size 16 --tp 2 --gtp-remat 2 --budget --megatron 0.19
+    mpu-bridge plan --world-size 64 --module encoder:ranks=8 --module llm:tp=4,pp=2 --budget --rank 9
 
 Invalid sizes print ``mpu-bridge: error: <message>`` on stderr and exit with
 status 2, as do usage errors.
@@ -23,6 +24,7 @@ inside its ``run`` function, never at module level here.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from dataclasses import dataclass
@@ -32,6 +34,7 @@ from . import __version__
 from .budget import DEFAULT_COMM_MB, MEGATRON_LINES, budget
 from .errors import BridgeError
 from .layout import DEFAULT_ORDER, KINDS, Layout, plan
+from .module_plan import modules_report, render_modules_text
 from .planrows import PlanRow, all_to_all_rows, hpz_row
 from .render import (
     MAX_LISTED_GROUPS,
@@ -42,6 +45,7 @@ from .render import (
     render_svg,
     render_text,
 )
+from .spans import parse_modules
 from .validate import arg_positive_int
 
 __all__ = ["Subcommand", "build_parser", "main", "subcommands"]
@@ -136,6 +140,17 @@ def _add_size_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="also show ZeRO++ hpZ groups: blocks of N ranks of each dp x cp group",
     )
+    sizes.add_argument(
+        "--module",
+        action="append",
+        default=None,
+        metavar="NAME:SIZES",
+        help="plan a multi-module layout instead, one rank span per module (megatron-core's rank_offset / "
+        "local_world_size), e.g. --module encoder:ranks=8 --module llm:tp=4,pp=2; sizes tp, pp, cp, ep, etp; "
+        "ranks=N the span's length (the last module may take the rest), offset=N its first rank (default: where "
+        "the previous ended; equal offsets: colocated modules). Text and json; --budget per module and, with "
+        "--rank, summed over that rank's modules",
+    )
 
 
 def _add_output_arguments(parser: argparse.ArgumentParser) -> None:
@@ -208,9 +223,7 @@ def _add_budget_arguments(parser: argparse.ArgumentParser) -> None:
 def _budget(layout: Layout, args: argparse.Namespace) -> Optional[dict]:
     """The ``--budget`` report, or None without the flag."""
     if not args.budget:
-        for flag, given in (("--all-gather", args.all_gather), ("--megatron", args.megatron is not None)):
-            if given:
-                raise BridgeError(f"{flag} applies to the communicator budget; add --budget")
+        _budget_flags_need_budget(args)
         return None
     if args.format == "svg":
         raise BridgeError("--budget is shown in text and json output, not svg")
@@ -247,7 +260,47 @@ def _render_plan(layout: Layout, args: argparse.Namespace) -> str:
     return render_text(layout, rank=args.rank, max_groups=max_groups, fit_width=None, extra=extra, budget=report)
 
 
+def _module_plan(args: argparse.Namespace) -> str:
+    """``plan --module ...``: every module's plan (and budget), and the rank's sum."""
+    plain = [flag for flag, value, default in (
+        ("--tp", args.tp, 1), ("--pp", args.pp, 1), ("--cp", args.cp, 1), ("--ep", args.ep, 1),
+        ("--etp", args.etp, None), ("--gtp-remat", args.gtp_remat, 1), ("--expert-gtp-remat", args.expert_gtp_remat, 1),
+        ("--hpz", args.hpz, None), ("--color-by", args.color_by, None),
+    ) if value != default]
+    if plain:
+        raise BridgeError(f"with --module, {', '.join(plain)} cannot be given: each module's sizes go in its spec "
+                          "(e.g. --module llm:tp=4,pp=2)")
+    if args.format == "svg":
+        raise BridgeError("--module plans are shown in text and json output, not svg")
+    modules = parse_modules(args.module)
+    options = None
+    if args.budget:
+        if not 0 <= args.comm_mb < float("inf"):
+            raise BridgeError(f"--comm-mb must be a finite number >= 0, got {args.comm_mb:g}")
+        options = dict(comm_mb=args.comm_mb, megatron=args.megatron, all_gather=args.all_gather)
+    else:
+        _budget_flags_need_budget(args)
+    limit = args.max_groups
+    if args.format == "json":
+        max_groups = _JSON_MAX_GROUPS if limit is None else (None if limit == _ALL else limit)
+        report = modules_report(modules, args.world_size, rank=args.rank, order=args.order,
+                                gpus_per_node=args.gpus_per_node, max_groups=max_groups, budget_options=options)
+        return json.dumps(report, indent=1) + "\n"
+    max_groups = _TEXT_MAX_GROUPS if limit is None else (None if limit == _ALL else limit)
+    return render_modules_text(modules, args.world_size, rank=args.rank, order=args.order,
+                               gpus_per_node=args.gpus_per_node, max_groups=max_groups,
+                               fit_width=56 if limit is None else None, budget_options=options)
+
+
+def _budget_flags_need_budget(args: argparse.Namespace) -> None:
+    for flag, given in (("--all-gather", args.all_gather), ("--megatron", args.megatron is not None)):
+        if given:
+            raise BridgeError(f"{flag} applies to the communicator budget; add --budget")
+
+
 def _run_plan(args: argparse.Namespace) -> int:
+    if args.module:
+        return _emit(_module_plan(args), args)
     layout = plan(
         args.world_size,
         tp=args.tp,
@@ -267,6 +320,11 @@ def _run_plan(args: argparse.Namespace) -> int:
             f"out of memory while rendering the plan of {layout.world_size} ranks; this is a bug "
             "(the planner's memory should not grow with the world): please report the command"
         ) from None
+    return _emit(text, args)
+
+
+def _emit(text: str, args: argparse.Namespace) -> int:
+    """Write ``text`` to ``--output`` or stdout; 1 when the file cannot be written."""
     if args.output is None:
         _write_stdout(text)
         return 0

@@ -159,10 +159,13 @@ def _header_lines(layout: Layout) -> List[str]:
     config = layout.config
     world = config.world_size
     gpn = config.gpus_per_node
+    ranks = _plural(world, "rank")
+    if config.rank_offset:  # a rank span: megatron-core's rank_offset / local_world_size
+        ranks += f" ({config.rank_offset}..{config.rank_offset + world - 1}, rank_offset {config.rank_offset})"
     if gpn is None:
-        placement = f"{_plural(world, 'rank')} (GPUs per node not given)"
+        placement = f"{ranks} (GPUs per node not given)"
     else:
-        placement = f"{_plural(world, 'rank')} = {_plural(world // gpn, 'node')} × {_plural(gpn, 'GPU')}"
+        placement = f"{ranks} = {_plural(world // gpn, 'node')} × {_plural(gpn, 'GPU')}"
     return [
         f"mpu-bridge plan: {placement}, order {config.order} (first varies fastest)",
         f"  dense grid   {_grid_text(layout, 'dense')}",
@@ -307,7 +310,8 @@ def _budget_rows(budget: Dict[str, Any]) -> List[List[str]]:
         ["most NCCL groups on a rank", str(most["megatron_nccl"]), str(most["bridge"])],
         ["new_group calls, world", str(calls["gloo_on"]), str(world["bridge_new_group"])],
         ["  with gloo off", str(calls["gloo_off"]), str(world["bridge_new_group"])],
-        ["split_group calls, world", "-", f"{world['bridge_split_group']} ({world['bridge_partitions']} partitions)"],
+        ["split_group calls, world", "-", f"{world['bridge_split_group']} ({world['bridge_partitions']} partitions)"
+         if world["bridge_split_group"] is not None else f"- (member-only: {world['bridge_partitions']} partitions)"],
         [f"comm memory, rank {rank}", _gib(mem["megatron"]), _gib(mem["bridge"])],
         ["comm memory, worst rank", _gib(mem["megatron_max"]), _gib(mem["bridge_max"])],
     ]

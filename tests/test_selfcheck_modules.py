@@ -20,7 +20,7 @@ from mpu_bridge.errors import LayoutError
 from mpu_bridge.optional import is_available
 from mpu_bridge.selfcheck import SelfCheckConfig, expected_groups, validate
 from mpu_bridge.selfcheck.config import module_configs
-from mpu_bridge.selfcheck.modules import ModuleSpec, parse_module, parse_modules, spans
+from mpu_bridge.spans import ModuleSpec, parse_module, parse_modules, spans
 
 MODULES = ["--nproc", "6", "--module", "encoder:ranks=2", "--module", "llm:tp=2,pp=2"]
 KINDS = ["tensor_parallel", "pipeline_parallel", "data_parallel", "sequence_parallel", "sequence_data_parallel",

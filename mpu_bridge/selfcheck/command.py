@@ -21,9 +21,9 @@ from typing import List, Optional, Sequence
 from ..errors import BridgeError
 from ..layout import DEFAULT_ORDER
 from ..optional import quiet_missing_numpy, require
+from ..spans import parse_modules
 from ..validate import arg_positive_int, arg_seconds
 from .config import DEFAULT_NPROC, DEFAULT_TIMEOUT_S, FAULTS, SelfCheckConfig, validate
-from .modules import parse_modules
 from .rank import resolve_backend
 from .report import format_report, write
 from .runs import launched, run_launched, run_spawned

@@ -20,8 +20,8 @@ from .. import partitions
 from ..errors import LayoutError
 from ..kinds import KIND_BY_METHOD, KIND_TABLE, mesh_dims
 from ..layout import DEFAULT_ORDER, Layout, plan
+from ..spans import ModuleSpec, spans
 from ..validate import positive_int
-from .modules import ModuleSpec, spans
 
 __all__ = [
     "DEFAULT_NPROC",
@@ -99,7 +99,7 @@ class SelfCheckConfig:
     ``DeviceMesh`` exports (``--exports``).
 
     ``modules`` (``--module``): a multi-module layout, one rank span per module (see
-    :mod:`mpu_bridge.selfcheck.modules`); each module is checked with a config of its own
+    :mod:`mpu_bridge.spans`); each module is checked with a config of its own
     (:func:`module_configs`), whose ``rank_offset`` and ``local_world_size`` place its span.
 
     Example: ``SelfCheckConfig(nproc=4, with_megatron=True, tp=2, ep=(2,), hpz=2)``.
