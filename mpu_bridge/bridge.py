@@ -38,7 +38,7 @@ import logging
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, TypeVar, Union
 
 from . import partitions, support
-from .bridge_base import BridgeBase, served
+from .bridge_base import BridgeBase, Outside, served
 from .errors import BridgeError, LayoutError, OutsideSpanError
 from .kinds import Kind, kind_named
 from .layout import Layout
@@ -214,6 +214,8 @@ class Bridge(BridgeBase):
             known = view.borrowed.get(spec.name) or view.answers.get(_group_key(spec, view.layout))
             if known is not None:
                 return served(known)
+            if spec.name in view.outside_kinds:  # the span's members borrow it: no request
+                raise Outside(self.rank, view.layout).error()
         with self._lock:
             state = self._live()
             try:

@@ -8,10 +8,12 @@ plans that layout with the same arithmetic as a standalone bridge, borrows every
 the grid has already created (each checked against the layout: nothing is created for
 a rank set the grid holds), and derives the rest on request.
 
-What a grid must be: it spans the whole world (``rank_offset`` 0 and as many ranks as
-the world), and its dims are megatron-core's dense tokens (``tp``, ``cp``, ``dp``,
-``pp``, and 0.19's ``gtp_remat``). A grid over part of the world (one module of a
-multi-module layout) or an expert grid (with ``ep``) is refused, saying which. Groups
+What a grid must be: its dims are megatron-core's dense tokens (``tp``, ``cp``, ``dp``,
+``pp``, and 0.19's ``gtp_remat``); an expert grid (with ``ep``) is refused, saying so.
+A grid over part of the world (``rank_offset``, fewer ranks than the world: one module of
+a multi-module layout) is a rank span: as every rank of the world builds every module's
+grid (``create_pg`` makes each enter every group), every rank attaches it, its members
+get its groups and the others an :class:`~mpu_bridge.errors.OutsideSpanError`. Groups
 the grid creates *after* ``attach`` are not seen: attach once the grid's groups exist.
 Groups of a registered view (megatron-core 0.19) are borrowed by their rank sets (a
 derived group with the same ranks is that group), not read as kinds.
@@ -33,7 +35,7 @@ from .errors import MpuError
 from .kinds import GTP, KIND_TABLE, Kind
 from .layout import Layout, plan
 
-__all__ = ["is_grid", "grid_layout", "grid_groups", "kind_of_dims"]
+__all__ = ["is_grid", "grid_layout", "grid_groups", "grid_group_keys", "kind_of_dims"]
 
 #: The dims a grid may name: megatron-core's dense order tokens.
 DENSE_DIMS = ("tp", "cp", "dp", "pp", GTP)
@@ -46,17 +48,16 @@ def is_grid(obj: Any) -> bool:
 
 
 def grid_layout(grid: Any, world_size: int) -> Layout:
-    """The layout a grid describes (pure; MpuError for a grid that is not a whole-world
-    dense layout). Example: ``grid_layout(HyperCommGrid([2, 4], ["tp", "dp"]), 8).config.tp == 2``."""
+    """The layout a grid describes, over its ranks ``rank_offset ..`` (pure; MpuError for a
+    grid that is not a dense layout inside the world).
+    Example: ``grid_layout(HyperCommGrid([2, 4], ["tp", "dp"]), 8).config.tp == 2``."""
     shape, names = [int(s) for s in grid.shape], [str(n) for n in grid.dim_names]
     offset, size = int(grid.rank_offset), 1
     for s in shape:
         size *= s
-    if offset != 0 or size != world_size:
+    if offset < 0 or offset + size > world_size:
         raise MpuError(
-            f"the HyperCommGrid covers ranks [{offset}, {offset + size}) of a world of {world_size}; "
-            "attach() reads a grid over the whole world (one module of a multi-module layout is not "
-            "supported yet): build the bridge with attach(None, ...) for that module instead"
+            f"the HyperCommGrid covers ranks [{offset}, {offset + size}), outside the world of {world_size} ranks"
         )
     unknown = [n for n in names if n not in DENSE_DIMS]
     if unknown or len(set(names)) != len(names):
@@ -66,8 +67,8 @@ def grid_layout(grid: Any, world_size: int) -> Layout:
             + ("; an expert grid (with 'ep') is not supported yet" if "ep" in unknown else "")
         )
     sizes = dict(zip(names, shape))
-    return plan(world_size, order="-".join(names), tp=sizes.get("tp", 1), cp=sizes.get("cp", 1),
-                pp=sizes.get("pp", 1), gtp_remat=sizes.get(GTP, 1))
+    return plan(size, order="-".join(names), tp=sizes.get("tp", 1), cp=sizes.get("cp", 1),
+                pp=sizes.get("pp", 1), gtp_remat=sizes.get(GTP, 1), rank_offset=offset)
 
 
 def kind_of_dims(dims: Tuple[str, ...]) -> Optional[Kind]:
@@ -83,15 +84,30 @@ def kind_of_dims(dims: Tuple[str, ...]) -> Optional[Kind]:
     return None
 
 
+def grid_group_keys(grid: Any) -> Tuple[Tuple[str, Tuple[str, ...]], ...]:
+    """``(view, dims)`` of every group family the grid has created, whether this rank is in
+    one of its groups or not (the same on every rank). Example: ``(("", ("tp",)),)``."""
+    out = []
+    for key in vars(grid).get("_pgs") or {}:
+        if isinstance(key, str):
+            out.append(("", tuple(key.split("-"))))
+        elif isinstance(key, tuple) and len(key) == 2:
+            out.append((str(key[0]), tuple(key[1])))
+    return tuple(out)
+
+
 def grid_groups(grid: Any) -> Dict[Tuple[str, Tuple[str, ...]], Any]:
     """The groups the grid has created (this rank's group of each), keyed ``(view, dims)``:
     view ``""`` for the grid's own dims, a view's name for megatron-core 0.19's
     ``register_view`` factorizations. Read from the grid's own table (``vars()``: no method
     lists them). Example: ``{("", ("dp", "cp")): group, ("expert", ("ep",)): group}``."""
+    import torch.distributed as dist  # only a process that made a grid calls this
+
     out: Dict[Tuple[str, Tuple[str, ...]], Any] = {}
+    outside = getattr(getattr(dist, "GroupMember", None), "NON_GROUP_MEMBER", None)
     for key, group in (vars(grid).get("_pgs") or {}).items():
-        if group is None:
-            continue
+        if group is None or (outside is not None and group is outside):
+            continue  # a rank outside the grid's span holds none of its groups
         if isinstance(key, str):
             out["", tuple(key.split("-"))] = group
         elif isinstance(key, tuple) and len(key) == 2:

@@ -20,14 +20,14 @@ import logging
 import os
 import re
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, FrozenSet, List, Mapping, Optional, Tuple
 
 import torch.distributed as dist
 
 from . import _torch, partitions
 from .collection_mpu import CollectionMpu, is_collection
 from .errors import BridgeError, LayoutError, MpuError
-from .grid_mpu import grid_groups, grid_layout, is_grid, kind_of_dims
+from .grid_mpu import grid_group_keys, grid_groups, grid_layout, is_grid, kind_of_dims
 from .kinds import KIND_BY_DIM, KINDS, kind_named
 from .layout import DEFAULT_ORDER, GTP, Layout, plan
 from .mpu import MpuReader, check_is_mpu
@@ -145,6 +145,9 @@ class State:
     borrowed: Mapping[str, GroupInfo]  # by kind name
     sentinel: Optional[Tuple[str, Any]]  # (MPU dimension, its group) to notice re-initialisation
     answers: Dict[str, Any] = field(default_factory=dict)
+    #: Kinds the span's members borrow (a grid's groups) on a rank outside the span: it holds
+    #: none, and asks for none either, as the members ask for none (they have theirs).
+    outside_kinds: FrozenSet[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -263,6 +266,10 @@ def _grid_state(grid: Any, world_size: int, rank: int, registry_options: Mapping
     layout = grid_layout(grid, world_size)
     registry = GroupRegistry(**registry_options)
     borrowed: Dict[str, GroupInfo] = {}
+    if not layout.holds(rank):  # outside the grid's span: what its members borrow, this rank skips
+        kinds = {kind_of_dims(dims) for view, dims in grid_group_keys(grid) if not view}
+        outside = frozenset(kind.name for kind in kinds if kind is not None)
+        return State(layout, None, registry, borrowed, None, outside_kinds=outside)
     try:
         for (view, dims), group in grid_groups(grid).items():
             ranks = tuple(dist.get_process_group_ranks(group))

@@ -82,11 +82,21 @@ def test_the_dims_of_a_grid_group_name_one_kind(dims, kind):
     assert (found.name if found else None) == kind
 
 
-def test_a_grid_over_part_of_the_world_is_refused_naming_its_span(world_of_8):
+def test_a_grid_over_part_of_the_world_is_a_rank_span(world_of_8):
     from mpu_bridge.grid_mpu import grid_layout
 
-    with pytest.raises(MpuError, match=r"covers ranks \[4, 8\) of a world of 8"):
-        grid_layout(_grid([2, 2], ["tp", "dp"], offset=4), WORLD)
+    layout = grid_layout(_grid([2, 2], ["tp", "dp"], offset=4), WORLD)
+    assert (layout.rank_offset, layout.world_size) == (4, 4)
+    assert layout.groups("tp") == [[4, 5], [6, 7]]
+    assert layout.groups("dp") == [[4, 6], [5, 7]]
+
+
+def test_a_grid_past_the_end_of_the_world_is_refused_naming_its_span(world_of_8):
+    from mpu_bridge.grid_mpu import grid_layout
+
+    grid = _grid([2, 2], ["tp", "dp"], offset=4)
+    with pytest.raises(MpuError, match=r"covers ranks \[4, 8\), outside the world of 6 ranks"):
+        grid_layout(grid, 6)
 
 
 def test_an_expert_grid_is_refused_saying_so(world_of_8):
@@ -167,3 +177,37 @@ def test_a_views_group_with_the_ranks_of_a_derived_group_is_that_group():
     for obs in observed:
         assert obs["ranks"] == obs["view_ranks"]
         assert obs["same"]
+
+
+def _two_module_grids(rank: int, world: int) -> Dict[str, Any]:
+    from megatron.core.hyper_comm_grid import HyperCommGrid
+
+    import mpu_bridge
+
+    # every rank builds both modules' grids and creates their groups (create_pg: all enter)
+    encoder = HyperCommGrid([2, 2], ["tp", "dp"])  # ranks 0..3
+    llm = HyperCommGrid([2, 2], ["tp", "pp"], rank_offset=4)  # ranks 4..7
+    made = {name: grid.create_pg("tp") for name, grid in (("encoder", encoder), ("llm", llm))}
+    obs: Dict[str, Any] = {"tp": {}, "errors": {}, "created": {}}
+    for name, grid in (("encoder", encoder), ("llm", llm)):
+        bridge = mpu_bridge.attach(grid)
+        bridge.prepare(["tp", "pp", "dp", "mp"])  # every rank, alike: only members create
+        try:
+            tp = bridge.tensor_parallel()
+            obs["tp"][name] = (tp.ranks, tp.group is made[name])
+            obs["pp_" + name] = bridge.pipeline_parallel().ranks
+        except mpu_bridge.OutsideSpanError as exc:
+            obs["errors"][name] = str(exc)
+        obs["created"][name] = bridge.stats()["created"]
+        bridge.close()
+    return obs
+
+
+def test_grids_over_two_modules_are_two_span_bridges_whose_groups_never_mix():
+    observed = run_ranks(_two_module_grids, WORLD)
+    assert [o["tp"] for o in observed[:4]] == [{"encoder": ((0, 1), True)}] * 2 + [{"encoder": ((2, 3), True)}] * 2
+    assert [o["tp"] for o in observed[4:]] == [{"llm": ((4, 5), True)}] * 2 + [{"llm": ((6, 7), True)}] * 2
+    assert [o["pp_llm"] for o in observed[4:]] == [(4, 6), (5, 7), (4, 6), (5, 7)]
+    assert all("outside this bridge's rank span 4..7" in o["errors"]["llm"] for o in observed[:4])
+    assert all("outside this bridge's rank span 0..3" in o["errors"]["encoder"] for o in observed[4:])
+    assert [o["created"]["llm"] for o in observed[:4]] == [0] * 4  # outsiders hold nothing of it
