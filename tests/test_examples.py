@@ -239,6 +239,39 @@ def test_grid_trainer_example_runs_a_gpt_model_over_the_grids_own_groups():
     assert losses[0] == losses[1] and losses[2] == losses[3] and losses[0] != losses[2], losses
 
 
+# -- examples/multi_module.py ------------------------------------------------------------------
+
+
+def _megatron_has_multi_module() -> bool:
+    if not is_available("megatron.core"):
+        return False
+    from megatron.core import process_groups_config
+
+    return hasattr(process_groups_config, "MultiModuleProcessGroupCollection")
+
+
+@pytest.mark.skipif(not _megatron_has_multi_module(),
+                    reason="needs megatron-core >= 0.17 (MultiModuleProcessGroupCollection)")
+def test_multi_module_example_runs_each_module_on_its_own_span_over_its_own_groups():
+    out = _torchrun("multi_module.py", 4)
+    lines = _rank_lines(out, 4)
+    for rank in (0, 1):
+        assert lines[rank] == (
+            f"encoder on ranks [0, 1] | tp [{rank}] dp [0, 1] | language model: None "
+            "| the module's own groups: True, created 0 | dp sum 2"
+        )
+    losses = set()
+    for rank in (2, 3):
+        match = re.fullmatch(r"(.*) \| loss (\d+\.\d{6})", lines[rank])
+        assert match, lines[rank]
+        assert match.group(1) == (
+            f"llm on ranks [2, 3] | tp [2, 3] dp [{rank}] | language model: llm "
+            "| the module's own groups: True, created 0"
+        )
+        losses.add(match.group(2))
+    assert len(losses) == 1  # tensor parallel: both ranks compute the same loss
+
+
 # -- examples/device_mesh.py -------------------------------------------------------------------
 
 
