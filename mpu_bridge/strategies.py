@@ -100,10 +100,12 @@ class LocalNewGroup(Strategy):
         counter = _torch.group_counter()
         group = dist.new_group(list(p.own), use_local_synchronization=True, **self._new_group_kwargs(p.key))
         name = _torch.group_name(group)
-        if naming.salt is not None:
+        if naming.salt is not None and (name is None or len(p.own) <= CHECK_NAMES_UP_TO):
             predicted = _torch.hashed_group_name(p.own, naming.salt)
             _check_naming(name, predicted, naming, _torch.group_counter() - counter)
             name = name or predicted
+        elif naming.salt is not None:  # a large group: the counter's move still checks the rule
+            _check_naming(None, "", naming, _torch.group_counter() - counter)
         self.last_name = name
         return group
 
@@ -142,6 +144,12 @@ class SaltedNewGroup(LocalNewGroup):
 
 #: Salts one :class:`SaltedNewGroup` batch may use (see :func:`mpu_bridge.planning.span_salt`).
 SALTS_PER_BATCH = 4096
+
+
+#: Member-only groups up to this size have their PyTorch name checked against the predicted
+#: one (a hash of every rank: as costly as PyTorch's own); every batch has such groups, and the
+#: rule is one per process. Larger ones are checked by how the creation moved the counter.
+CHECK_NAMES_UP_TO = 512
 
 
 def _check_naming(name: Optional[str], predicted: str, naming: _torch.MemberOnlyNaming, moved: int) -> None:
