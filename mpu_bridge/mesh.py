@@ -180,14 +180,16 @@ def mesh_ranks(layout: Layout, dims: Sequence[str], *, expert: bool = False) -> 
     kinds = _kinds(dims, expert)
     grid = layout.expert if expert else layout.dense
     _check_cover(grid, kinds, expert)
-    return _nest(_flat_mesh(grid, kinds), [_size(grid, k) for k in kinds])
+    return _nest(_flat_mesh(grid, kinds, layout.rank_offset), [_size(grid, k) for k in kinds])
 
 
 def _size(grid: RankGrid, kind: Kind) -> int:
     return math.prod(size for size, _ in _masked(grid, kind))
 
 
-def _flat_mesh(grid: RankGrid, kinds: Sequence[Kind]) -> List[int]:
+def _flat_mesh(grid: RankGrid, kinds: Sequence[Kind], rank_offset: int = 0) -> List[int]:
+    """The mesh's global ranks, flat: each rank of ``grid`` (plus ``rank_offset``, a span's first
+    rank) at the place its coordinates give."""
     shape = [_size(grid, k) for k in kinds]
     masked = [_masked(grid, k) for k in kinds]
     flat = [0] * grid.world_size
@@ -199,7 +201,7 @@ def _flat_mesh(grid: RankGrid, kinds: Sequence[Kind]) -> List[int]:
                 position += ((rank // stride) % dim_size) * scale
                 scale *= dim_size
             index = index * size + position
-        flat[index] = rank
+        flat[index] = rank + rank_offset
     return flat
 
 
@@ -248,7 +250,7 @@ def device_mesh(
         pairs = [(k, n) for k, n in pairs if _size(grid, k) > 1] or pairs[-1:]
     kinds = [k for k, _ in pairs]
     shape = [_size(grid, k) for k in kinds]
-    flat = _flat_mesh(grid, kinds)
+    flat = _flat_mesh(grid, kinds, layout.rank_offset)
     bridge.prepare([k.name for k in kinds], expert_sizes=[] if ep_size is None else [ep_size])  # one round
     groups = [
         (bridge.group(k.name, ep_size=ep_size) if k.grid == "expert" else bridge.group(k.name)).group

@@ -382,3 +382,23 @@ def test_a_narrowed_registry_read_again_after_close_names_its_groups_afresh_wher
         for o in observed[2:]:
             assert len(o["sums"]) == 1 and len(o["errors"]) == 1
             assert "reuse the name of a group destroyed earlier" in o["errors"][0]
+
+
+def _mesh_over_a_span(rank: int, world: int) -> Any:
+    import mpu_bridge
+
+    llm = mpu_bridge.attach(None, **LLM)
+    try:
+        mesh = llm.device_mesh()  # every rank: one round; the outsiders then get the error
+        return mesh.mesh.tolist(), mesh["tp"].get_group() is llm.tensor_parallel().group
+    except mpu_bridge.OutsideSpanError:
+        return "outside"
+    finally:
+        llm.close()
+
+
+def test_a_spans_device_mesh_holds_its_global_ranks_over_its_own_groups():
+    observed = run_ranks(_mesh_over_a_span, WORLD)
+    assert observed[:2] == ["outside"] * 2
+    # dims (pp, dp, cp, tp) over ranks 2..5 with tp 2, pp 2
+    assert observed[2:] == [([[[[2, 3]]], [[[4, 5]]]], True)] * 4
