@@ -209,3 +209,27 @@ def test_a_module_read_back_derives_what_it_lacks_among_its_own_ranks_only():
     # nobody's PyTorch group counter moved, so the all-ranks group after works everywhere
     assert [o["counter_moved"] for o in observed] == [0] * WORLD
     assert [o["everyone"] for o in observed] == [15] * WORLD
+
+
+def _colocated(rank: int, world: int) -> Dict[str, Any]:
+    import mpu_bridge
+    from mpu_bridge.multi_module import multi_module_collection
+
+    encoder = mpu_bridge.attach(None, tp=1)  # every rank runs both modules
+    llm = mpu_bridge.attach(None, tp=2)
+    multi = multi_module_collection({"encoder": encoder, "llm": llm}, language_model="llm")
+    back = {name: mpu_bridge.attach(multi, module=name) for name in ("encoder", "llm")}
+    obs = {"modules": sorted(multi.module_pgs), "language_model": multi.language_model_module_name,
+           "tp": {name: b.tensor_parallel().ranks for name, b in back.items()},
+           "created": [b.stats()["created"] for b in back.values()]}
+    for bridge in (*back.values(), encoder, llm):
+        bridge.close()
+    return obs
+
+
+def test_colocated_modules_are_both_on_every_rank_and_read_back_each_with_its_own_sizes():
+    observed = run_ranks(_colocated, WORLD, timeout=180)
+    for rank, obs in enumerate(observed):
+        assert obs["modules"] == ["encoder", "llm"] and obs["language_model"] == "llm"
+        assert obs["tp"] == {"encoder": (rank,), "llm": (rank - rank % 2, rank - rank % 2 + 1)}
+        assert obs["created"] == [0, 0]
