@@ -54,4 +54,5 @@ def test_every_flavour_has_a_record_or_says_why_it_has_none():
 def test_the_readme_main_job_is_the_megatron_selfcheck_on_8_processes():
     job = (ROOT / "scripts" / "main_job.sh").read_text()
     assert "mpu-bridge selfcheck --nproc 8 --with-megatron" in job
+    assert "mpu-bridge selfcheck --nproc 8 --module encoder:ranks=2 --module llm:tp=2,pp=3" in job
     assert "scripts/run.sh main" in (ROOT / "README.md").read_text()
