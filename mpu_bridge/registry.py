@@ -153,7 +153,10 @@ class GroupRegistry:
     uses the ``fake`` backend".
 
     All methods are thread-safe; ``close`` is idempotent. ``ensure`` is collective:
-    every rank must call it with the same partitions in the same order. Example::
+    every rank must call it with the same partitions in the same order (over the span's
+    ranks only, after :meth:`narrow`). One class, longer than most here, because the cache,
+    the per-batch decisions and the teardown share one lock and one set of counters; the
+    decisions themselves are pure functions of :mod:`mpu_bridge.planning`. Example::
 
         registry = GroupRegistry(agreement_timeout=30)
         registry.borrow(tp_ranks, mpu.get_tensor_model_parallel_group())
