@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import warnings
 
-import torch
 import torch.distributed as dist
 
 import mpu_bridge
@@ -27,11 +26,7 @@ import mpu_bridge
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # megatron-core warns about optional packages it lacks
     from megatron.core.hyper_comm_grid import HyperCommGrid
-    from megatron.core.models.gpt.gpt_model import GPTModel
-    from megatron.core.transformer.transformer_config import TransformerConfig
-    from pg_collection import mlp_only_layer  # the example beside this one
-
-VOCAB, SEQUENCE = 32, 8
+    from pg_collection import gpt_loss  # the example beside this one
 
 
 def main() -> None:
@@ -40,24 +35,11 @@ def main() -> None:
     tp, dp = grid.create_pg("tp"), grid.create_pg("dp")  # the trainer's own groups
     bridge = mpu_bridge.attach(grid)  # the grid's layout; its groups borrowed
     pgc = bridge.process_group_collection()  # megatron-core's collection over them
-    config = TransformerConfig(
-        num_layers=2, hidden_size=16, num_attention_heads=4, use_cpu_initialization=True,
-        params_dtype=torch.float32, pipeline_dtype=torch.float32, tensor_model_parallel_size=pgc.tp.size(),
-        cross_entropy_loss_fusion=True, cross_entropy_fusion_impl="native",  # takes pg_collection.tp
-    )
-    torch.manual_seed(0)
-    model = GPTModel(config, mlp_only_layer(), vocab_size=VOCAB, max_sequence_length=SEQUENCE, pg_collection=pgc)
-
-    data = torch.Generator().manual_seed(1 + pgc.dp.rank())  # other data on each dp replica
-    tokens = torch.randint(0, VOCAB, (2, SEQUENCE), generator=data)
-    labels = torch.randint(0, VOCAB, (2, SEQUENCE), generator=data)
-    position = torch.arange(SEQUENCE).unsqueeze(0).expand(2, SEQUENCE).contiguous()
-    loss = model(tokens, position, attention_mask=None, labels=labels).mean()
-    loss.backward()
+    loss = gpt_loss(pgc, data_seed=1 + pgc.dp.rank())  # other data on each dp replica
 
     line = (
         f"rank {dist.get_rank()}: tp {dist.get_process_group_ranks(pgc.tp)} dp {dist.get_process_group_ranks(pgc.dp)} "
-        f"| the grid's groups: {pgc.tp is tp and pgc.dp is dp} | loss {loss.item():.6f}"
+        f"| the grid's groups: {pgc.tp is tp and pgc.dp is dp} | loss {loss:.6f}"
     )
     lines = [None] * dist.get_world_size()
     dist.all_gather_object(lines, line)

@@ -27,29 +27,7 @@ import mpu_bridge
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # megatron-core warns about optional packages it lacks
-    from megatron.core.models.gpt.gpt_model import GPTModel
-    from megatron.core.transformer.transformer_config import TransformerConfig
-    from pg_collection import mlp_only_layer  # the example beside this one
-
-VOCAB, SEQUENCE = 32, 8
-
-
-def language_model_loss(pgc: object) -> float:
-    """One forward and backward of a tensor-parallel GPTModel over ``pgc``; the loss."""
-    config = TransformerConfig(
-        num_layers=2, hidden_size=16, num_attention_heads=4, use_cpu_initialization=True,
-        params_dtype=torch.float32, pipeline_dtype=torch.float32, tensor_model_parallel_size=pgc.tp.size(),
-        cross_entropy_loss_fusion=True, cross_entropy_fusion_impl="native",  # takes pg_collection.tp
-    )
-    torch.manual_seed(0)
-    model = GPTModel(config, mlp_only_layer(), vocab_size=VOCAB, max_sequence_length=SEQUENCE, pg_collection=pgc)
-    data = torch.Generator().manual_seed(1)
-    tokens = torch.randint(0, VOCAB, (2, SEQUENCE), generator=data)
-    labels = torch.randint(0, VOCAB, (2, SEQUENCE), generator=data)
-    position = torch.arange(SEQUENCE).unsqueeze(0).expand(2, SEQUENCE).contiguous()
-    loss = model(tokens, position, attention_mask=None, labels=labels).mean()
-    loss.backward()
-    return float(loss.item())
+    from pg_collection import gpt_loss  # the example beside this one
 
 
 def main() -> None:
@@ -62,7 +40,7 @@ def main() -> None:
     pgc = bridge.process_group_collection()
     own = pgc.tp is multi.module_pgs[module].tp and pgc.dp is multi.module_pgs[module].dp
     if module == "llm":
-        work = f"loss {language_model_loss(pgc):.6f}"
+        work = f"loss {gpt_loss(pgc, data_seed=1):.6f}"
     else:
         value = torch.ones(1)
         dist.all_reduce(value, group=pgc.dp)

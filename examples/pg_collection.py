@@ -18,6 +18,7 @@ per rank.
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -49,10 +50,9 @@ def mlp_only_layer() -> ModuleSpec:
     )
 
 
-def main() -> None:
-    dist.init_process_group("gloo")  # torchrun set RANK, WORLD_SIZE, MASTER_ADDR
-    bridge = mpu_bridge.attach(None, tp=2)  # tp 2, dp 2 on 4 ranks; no parallel_state
-    pgc = bridge.process_group_collection()  # megatron-core's ProcessGroupCollection
+def gpt_loss(pgc: Any, data_seed: int) -> float:
+    """One forward and backward of a small tensor-parallel ``GPTModel`` over the collection
+    ``pgc``, on tokens drawn from ``data_seed``; the loss (the other examples use it too)."""
     config = TransformerConfig(
         num_layers=2, hidden_size=16, num_attention_heads=4, use_cpu_initialization=True,
         params_dtype=torch.float32, pipeline_dtype=torch.float32, tensor_model_parallel_size=pgc.tp.size(),
@@ -60,19 +60,25 @@ def main() -> None:
     )
     torch.manual_seed(0)
     model = GPTModel(config, mlp_only_layer(), vocab_size=VOCAB, max_sequence_length=SEQUENCE, pg_collection=pgc)
-
-    data = torch.Generator().manual_seed(1 + pgc.dp.rank())  # other data on each dp replica
+    data = torch.Generator().manual_seed(data_seed)
     tokens = torch.randint(0, VOCAB, (2, SEQUENCE), generator=data)
     labels = torch.randint(0, VOCAB, (2, SEQUENCE), generator=data)
     position = torch.arange(SEQUENCE).unsqueeze(0).expand(2, SEQUENCE).contiguous()
     loss = model(tokens, position, attention_mask=None, labels=labels).mean()
     loss.backward()
+    return float(loss.item())
 
+
+def main() -> None:
+    dist.init_process_group("gloo")  # torchrun set RANK, WORLD_SIZE, MASTER_ADDR
+    bridge = mpu_bridge.attach(None, tp=2)  # tp 2, dp 2 on 4 ranks; no parallel_state
+    pgc = bridge.process_group_collection()  # megatron-core's ProcessGroupCollection
+    loss = gpt_loss(pgc, data_seed=1 + pgc.dp.rank())  # other data on each dp replica
     rank = dist.get_rank()
     line = (
         f"rank {rank}: tp {dist.get_process_group_ranks(pgc.tp)} (rank {pgc.tp.rank()}) "
         f"dp {dist.get_process_group_ranks(pgc.dp)} (rank {pgc.dp.rank()}) "
-        f"| pgc.tp is the bridge's: {pgc.tp is bridge.tensor_parallel().group} | loss {loss.item():.6f}"
+        f"| pgc.tp is the bridge's: {pgc.tp is bridge.tensor_parallel().group} | loss {loss:.6f}"
     )
     lines = [None] * dist.get_world_size()
     dist.all_gather_object(lines, line)
