@@ -227,6 +227,32 @@ def test_group_of_every_rank_equals_megatron_rank_generator(order):
                     assert layout.rank_in_group(kind, rank) == position, where
 
 
+def _has_rank_offset() -> bool:
+    import inspect
+
+    return "rank_offset" in inspect.signature(RankGenerator).parameters
+
+
+@pytest.mark.skipif(not _has_rank_offset(), reason="this megatron-core's RankGenerator has no rank_offset (< 0.17)")
+@pytest.mark.parametrize("order", PERMUTATION_ORDERS[::7] + MISSING_TOKEN_ORDERS[::3])
+def test_every_kind_of_a_rank_span_equals_megatron_rank_generator_with_rank_offset(order):
+    # megatron-core 0.17's initialize_model_parallel(rank_offset=, local_world_size=): both
+    # generators take the offset; the layout's world is the span
+    for candidate in SWEEP[order][0]:
+        offset = 3 + len(candidate.order)
+        layout = plan_of(candidate)
+        c = layout.config
+        span = plan(c.world_size, tp=c.tp, pp=c.pp, cp=c.cp, ep=c.ep, etp=c.etp, order=c.order,
+                    rank_offset=offset)
+        dp, edp = c.dp, c.edp
+        generators = {
+            "dense": RankGenerator(tp=c.tp, ep=1, dp=dp, pp=c.pp, cp=c.cp, order=c.order, rank_offset=offset),
+            "expert": RankGenerator(tp=c.etp, ep=c.ep, dp=edp, pp=c.pp, cp=1, order=c.order, rank_offset=offset),
+        }
+        for kind, (grid, token) in MEGATRON_TOKEN.items():
+            assert span.groups(kind) == generators[grid].get_ranks(token), (candidate.id, offset, kind)
+
+
 # -- initialize_model_parallel --------------------------------------------------------
 
 _INITIALIZE_WORKER = r"""
