@@ -500,19 +500,7 @@ class GroupRegistry:
         if not self.verify_plan:
             return (*self._plan_unchecked(parts, votes), None)
         facts, grouped = _batch_facts(parts, votes, self.strategy, self._store)
-        digest, summary = planning.digest(
-            parts, label, backend=self.backend, strategy=self.requested_strategy, options=self.pg_options
-        )
-        result = self._agree(digest=digest, summary=summary, facts=facts, grouped=grouped)
-        reuse: List[Optional[bool]]
-        if result.is_unanimous("reuse"):
-            reuse = [v == "1" for v in votes]
-        else:
-            reuse = planning.merge_votes(parts, result.collect().facts.get("reuse", ()))
-        equal = all(
-            reused is not False or result.groups_agree(name, p.num_groups)
-            for p, reused, name in zip(parts, reuse, grouped)
-        )
+        result, reuse, equal = self._round(parts, label, votes, facts, grouped)
         covering = self._covering(parts, reuse)
         # Counters equal before the batch can be made equal after it (see _even_counter).
         evenable = "seq" in facts and result.is_unanimous("seq")
@@ -531,6 +519,28 @@ class GroupRegistry:
         if strategy == "local_new_group" and not covering and evenable:
             even = _even_counter(int(facts["seq"]), reuse)
         return reuse, strategy, even
+
+    def _round(
+        self, parts: Sequence[Partition], label: str, votes: List[str], facts: Dict[str, str],
+        grouped: Dict[str, Optional[Tuple[str, str]]],
+    ) -> Tuple[Agreement, List[Optional[bool]], bool]:
+        """The batch's agreement round, and what follows from it alike on every rank: the reuse
+        decision per partition, and whether the members of every group to create agree on its
+        salt."""
+        digest, summary = planning.digest(
+            parts, label, backend=self.backend, strategy=self.requested_strategy, options=self.pg_options
+        )
+        result = self._agree(digest=digest, summary=summary, facts=facts, grouped=grouped)
+        reuse: List[Optional[bool]]
+        if result.is_unanimous("reuse"):
+            reuse = [v == "1" for v in votes]
+        else:
+            reuse = planning.merge_votes(parts, result.collect().facts.get("reuse", ()))
+        equal = all(
+            reused is not False or result.groups_agree(name, p.num_groups)
+            for p, reused, name in zip(parts, reuse, grouped)
+        )
+        return result, reuse, equal
 
     def _agree(self, **round_args: Any) -> Agreement:
         """One agreement round of every rank of the world, or of the span's ranks only
@@ -552,32 +562,23 @@ class GroupRegistry:
         scope = self.scope if self.scope is not None else range(self.world_size)
         votes = planning.reuse_votes(parts, self._registered(), 0)
         salted = _torch.counter_is_salt()
-        if not self.verify_plan:  # no round: every member decides from what it alone knows
-            reuse: List[Optional[bool]] = [
-                v == "1" or (v == "-" and p.fingerprint() in self._ensured) for p, v in zip(parts, votes)
-            ]
-            self._unchecked_batches += 1
-            facts: Dict[str, str] = {}
-            result: Optional[Agreement] = None
-            equal = planning.safe_without_check(parts, len(scope)) and not self._uneven
-        else:
+        bound = _torch.bound_device() is not None
+        reuse: List[Optional[bool]]
+        if self.verify_plan:
             facts, grouped = _batch_facts(parts, votes, "local_new_group", self._store)
-            facts["salted"] = "1" if salted else "0"
-            facts["bound"] = "1" if _torch.bound_device() is not None else "0"
-            digest, summary = planning.digest(
-                parts, label, backend=self.backend, strategy=self.requested_strategy, options=self.pg_options
-            )
-            result = self._agree(digest=digest, summary=summary, facts=facts, grouped=grouped)
-            reuse = ([v == "1" for v in votes] if result.is_unanimous("reuse")
-                     else planning.merge_votes(parts, result.collect().facts.get("reuse", ())))
-            equal = all(reused is not False or result.groups_agree(name, p.num_groups)
-                        for p, reused, name in zip(parts, reuse, grouped))
+            facts.update(salted="1" if salted else "0", bound="1" if bound else "0")
+            result, reuse, equal = self._round(parts, label, votes, facts, grouped)
+            number = result.round
+            shared = dict(bound=not _everyone_zero(result, facts, "bound"), salted=_everyone(result, facts, "salted"),
+                          named=_everyone(result, facts, "naming"), fresh_names=_everyone(result, facts, "fresh"))
+        else:  # no round: every member decides from what it alone knows
+            reuse = [v == "1" or (v == "-" and p.fingerprint() in self._ensured) for p, v in zip(parts, votes)]
+            equal = planning.safe_without_check(parts, len(scope)) and not self._uneven
+            self._unchecked_batches += 1
+            number = self._unchecked_batches
+            shared = dict(bound=bound, salted=salted, named=_torch.member_only_naming().recognised, fresh_names=True)
         strategy, problem = planning.decide_span_strategy(
-            creating=not all(reuse), mixed=any(r is None for r in reuse),
-            bound=_torch.bound_device() is not None if result is None else not _everyone_zero(result, facts, "bound"),
-            salted=salted if result is None else _everyone(result, facts, "salted"),
-            named=_torch.member_only_naming().recognised if result is None else _everyone(result, facts, "naming"),
-            equal_salts=equal, fresh_names=True if result is None else _everyone(result, facts, "fresh"),
+            creating=not all(reuse), mixed=any(r is None for r in reuse), equal_salts=equal, **shared
         )
         if problem is not None:
             raise GroupCreationError(
@@ -587,7 +588,6 @@ class GroupRegistry:
             )
         if strategy == "salted":
             namespace = f"{NAMESPACE}/span/{scope.start}+{len(scope)}"
-            number = result.round if result is not None else self._unchecked_batches
             backend = self.backend if self.backend != self.default_backend else None
             self._salted = strategies.SaltedNewGroup(base=planning.span_salt(namespace, number),
                                                      timeout=self.timeout, pg_options=self.pg_options, backend=backend)

@@ -203,6 +203,14 @@ def read_state(
             f"sizes ({', '.join(f'{k}={v}' for k, v in sizes.items())}) are for a bridge without an MPU; "
             "with an MPU the sizes are the MPU's own: drop them, or attach(None, ...) for a standalone layout"
         )
+    return _mpu_state(mpu, world_size, rank, order, registry_options)
+
+
+def _mpu_state(
+    mpu: object, world_size: int, rank: int, order: Optional[str], registry_options: Mapping[str, Any]
+) -> State:
+    """The state of ``attach(mpu)``: the MPU read and checked against the world (or, for one
+    module's collection, against its rank span), its layout, and its groups borrowed."""
     registry = GroupRegistry(**registry_options)
     try:
         check_is_mpu(mpu)

@@ -135,10 +135,12 @@ class SaltedNewGroup(LocalNewGroup):
         with _torch.counter_at(salt):
             group = dist.new_group(list(p.own), use_local_synchronization=True, **self._new_group_kwargs(p.key))
         name = _torch.group_name(group)
-        predicted = _torch.hashed_group_name(p.own, salt)
-        if name is not None and name != predicted:
-            _torch.distrust(f"PyTorch named a member-only group {name}, not {predicted} (salt {salt})")
-        self.last_name = name or predicted
+        if name is None or len(p.own) <= CHECK_NAMES_UP_TO:  # as LocalNewGroup: small groups carry the check
+            predicted = _torch.hashed_group_name(p.own, salt)
+            if name is not None and name != predicted:
+                _torch.distrust(f"PyTorch named a member-only group {name}, not {predicted} (salt {salt})")
+            name = name or predicted
+        self.last_name = name
         return group
 
 

@@ -277,7 +277,6 @@ class _Run:
         config, bridge = self.config, self.bridge
         if config.modules:
             groups = self._module_groups()
-            bridge = self.bridge or next(b for _, _, b in self.modules if b.layout.holds(self.rank))
             self.result.stats = _summed(b.stats() for b in [self.bridge, *(b for _, _, b in self.modules)] if b)
             return self._prove(groups, device, on_groups_created)
         planned = expected_groups(config, self.world_size, self.rank)
@@ -318,7 +317,7 @@ class _Run:
             self.modules.append((name, cfg, self.phases.run("attach", functools.partial(attach, None, **options))))
         spans = ", ".join(f"{n} {b.layout.ranks[0]}..{b.layout.ranks[-1]}" for n, _, b in self.modules)
         self.result.mpu = f"standalone rank spans ({spans})"
-        mine = next(name for name, _, b in self.modules if b.layout.holds(self.rank))
+        mine, own = next((name, b) for name, _, b in self.modules if b.layout.holds(self.rank))
         if self.config.via_collection:
             from ..multi_module import multi_module_collection
 
@@ -326,7 +325,7 @@ class _Run:
             multi = self.phases.run("attach", lambda: multi_module_collection(bridges))
             self.bridge = self.phases.run("attach", lambda: attach(multi, module=mine, agreement_timeout=timeout))
             self.result.mpu = f"MultiModuleProcessGroupCollection of {self.result.mpu}, module {mine} attached"
-        self.result.strategy = (self.bridge or dict((n, b) for n, _, b in self.modules)[mine]).strategy
+        self.result.strategy = (self.bridge or own).strategy
 
     def _module_groups(self) -> List[Tuple[Any, GroupCheck]]:
         """Each module's groups, prepared by every rank in one round per module; its members
@@ -336,8 +335,9 @@ class _Run:
         groups: List[Tuple[Any, GroupCheck]] = []
         for name, cfg, span_bridge in self.modules:
             planned = expected_groups(cfg, self.world_size, self.rank)
-            self.phases.run("group creation", functools.partial(span_bridge.prepare, kinds,
-                                                                expert_sizes=list(cfg.ep), world=True))
+            if self.bridge is None:  # with --via-collection the collection's requests were the rounds
+                self.phases.run("group creation", functools.partial(span_bridge.prepare, kinds,
+                                                                    expert_sizes=list(cfg.ep), world=True))
             if span_bridge.layout.holds(self.rank):
                 source = self.bridge if self.bridge is not None else span_bridge
                 made = self.phases.run("group creation", functools.partial(create_groups, source, cfg, planned))
